@@ -3,11 +3,18 @@
 Each test names the property it checks. Tiny synthetic data only; the real
 MNIST files are used where present and skipped, with a reason, where absent.
 """
+import gzip
+import io
+import json
 import math
+import os
+import signal
+import zlib
 
 import pytest
 import torch
 
+import datasets
 import experiments
 import tvae
 
@@ -244,3 +251,124 @@ def test_registry_holds_the_16_paper_experiments_with_the_named_options():
         assert keys <= config.keys()
     assert experiments.EXPERIMENTS["tvae_Lpartial_mnist"]["group_kernel"] == (13, 13, 1)
     assert experiments.EXPERIMENTS["tvae_L0_dsprites"]["eps"] == 1e-3
+
+
+# ─── The training function and the command line (experiments.py) ─────────────
+
+def write_idx_gz(path, array):
+    """A standard IDX file (gzip): magic 0x0000080N (N = number of dims, uint8 data), dims, bytes."""
+    header = bytes([0, 0, 8, array.dim()]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + bytes(array.flatten().tolist()))
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    """A tiny MNIST look-alike: 40 training and 12 test 'digits' in the four standard files."""
+    folder = tmp_path_factory.mktemp("mnist")
+    generator = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 40), ("t10k", 12)):
+        images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+        images[:, 8:20, 10:16] = torch.randint(100, 256, (n, 12, 6), generator=generator, dtype=torch.uint8)
+        write_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz", (torch.arange(n) % 10).to(torch.uint8))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def procedural_dsprites():
+    return datasets.render_dsprites()
+
+
+def quick_config(name, **overrides):
+    """The experiment's config, cut down to one short epoch on a few sequences."""
+    config = dict(experiments.EXPERIMENTS[name], max_epochs=1, batch_size=4, train_sequences=8,
+                  test_sequences=2, n_is_samples=2)
+    config.update(overrides)
+    return config
+
+
+@pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
+def test_every_experiment_runs_one_short_epoch_end_to_end(name, tmp_path, mnist_dir, procedural_dsprites, monkeypatch):
+    monkeypatch.setattr(datasets, "render_dsprites", lambda: procedural_dsprites)
+    config = quick_config(name, test_sequences=12 if name == "tvae_2d_mnist" else 2)
+    records, interrupted = experiments.train(config, tmp_path, mnist_dir, "cpu", dsprites_source="procedural")
+    assert not interrupted
+    saved = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert saved == records and all({"epoch", "step"} <= r.keys() for r in saved)
+    train_line, test_line = saved
+    for key in ("train_loss", "train_nll", "train_kl", "test_log_likelihood"):
+        assert math.isfinite((train_line | test_line)[key])
+    if config["n_transforms"] > 1:
+        assert math.isfinite(train_line["train_eq_error"]) and math.isfinite(test_line["test_eq_error"])
+        assert (tmp_path / "traversal_000.png").exists()
+    if config["data"] == "dsprites":
+        assert set(train_line["capsule_correlation"]) == {"scale", "orientation", "posX", "posY"}
+    if config["grouper"] == "map2d":
+        for picture in ("samples", "max_activation", "selectivity", "reconstruction"):
+            assert (tmp_path / f"{picture}_000.png").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["name"] == name
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+class InterruptAt(experiments.Progress):
+    """A progress display that presses Ctrl-C (sends SIGINT) after a given step."""
+
+    def __init__(self, step):
+        super().__init__(io.StringIO())
+        self.step, self.steps = step, 0
+
+    def update(self, batch, sequences, running_loss):
+        self.steps += 1
+        if self.steps == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, mnist_dir):
+    config = quick_config("tvae_Lshort_mnist", max_epochs=2, train_sequences=12, eval_epochs=1)
+    whole, _ = experiments.train(config, tmp_path / "whole", mnist_dir, progress=InterruptAt(None))
+    _, interrupted = experiments.train(config, tmp_path / "parts", mnist_dir, progress=InterruptAt(2))
+    assert interrupted                                   # stopped mid-epoch 0, after step 2 of 3
+    resumed, interrupted = experiments.train(config, tmp_path / "parts", mnist_dir, resume=True,
+                                             progress=InterruptAt(None))
+    assert not interrupted and resumed == whole
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_unknown_name_exits_2_and_suggests_the_closest(capsys):
+    with pytest.raises(SystemExit) as stop:
+        experiments.main(["tvae_lhalf_mnist"])
+    assert stop.value.code == 2 and "tvae_Lhalf_mnist" in capsys.readouterr().err
+
+
+def test_list_names_all_16_experiments(capsys):
+    assert experiments.main(["--list"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 16
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_term(tmp_path, mnist_dir, capsys):
+    status = experiments.main(["tvae_Lshort_mnist", "--data-dir", str(mnist_dir), "--out", str(tmp_path),
+                               "--train-sequences", "8", "--set", "mu_init=NaN", "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert status == 1 and "step 1" in error and "loss" in error and "Traceback" not in error
+
+
+def test_png_writer_output_decodes_back_to_the_pixels_written(tmp_path):
+    image = torch.rand(3, 5, 7)
+    experiments.write_png(tmp_path / "a.png", image)
+    data = (tmp_path / "a.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, position = {}, 8
+    while position < len(data):
+        length = int.from_bytes(data[position:position + 4], "big")
+        kind = data[position + 4:position + 8]
+        chunks[kind] = data[position + 8:position + 8 + length]
+        assert zlib.crc32(kind + chunks[kind]) == int.from_bytes(data[position + 8 + length:position + 12 + length], "big")
+        position += 12 + length
+    assert int.from_bytes(chunks[b"IHDR"][:4], "big") == 7 and int.from_bytes(chunks[b"IHDR"][4:8], "big") == 5
+    rows = torch.tensor(list(zlib.decompress(chunks[b"IDAT"])), dtype=torch.uint8).view(5, 1 + 7 * 3)
+    assert (rows[:, 0] == 0).all()
+    expected = (image * 255).round().to(torch.uint8).permute(1, 2, 0).reshape(5, 21)
+    assert torch.equal(rows[:, 1:], expected)

@@ -96,7 +96,7 @@ class BernoulliDecoder(nn.Module):
 
     def forward(self, t):                                         # t (N, d)
         logits = self.to_pixels(self.hidden(t))                   # (N, C·H·W)
-        logits = logits.view(len(t), len(self.channel_bias), -1) + self.channel_bias[:, None]
+        logits = logits.unflatten(1, (len(self.channel_bias), -1)) + self.channel_bias[:, None]
         return torch.sigmoid(logits.flatten(1))                   # (N, C·H·W)
 
 
@@ -360,12 +360,13 @@ def class_selectivity(t, classes, n_classes=10, threshold=0.85):
 
     t (N, d) over a test set, classes (N,). For each unit and class c,
     d′ = (mean_c − mean_rest) / sqrt((var_c + var_rest) / 2); a unit is labelled
-    c where its largest d′ ≥ threshold. Returns (d,) long.
+    c where its largest d′ ≥ threshold (variances without Bessel's correction). Returns (d,) long.
     """
     d_prime = []
     for c in range(n_classes):
         in_c, rest = t[classes == c], t[classes != c]             # (N_c, d), (N − N_c, d)
         d_prime.append((in_c.mean(0) - rest.mean(0))
-                       / torch.sqrt((in_c.var(0) + rest.var(0)) / 2))
-    best, label = torch.stack(d_prime).max(dim=0)                 # (d,) each
+                       / torch.sqrt((in_c.var(0, correction=0) + rest.var(0, correction=0)) / 2))
+    d_prime = torch.stack(d_prime).nan_to_num(nan=-math.inf)      # (n_classes, d); an absent class never wins
+    best, label = d_prime.max(dim=0)                              # (d,) each
     return torch.where(best >= threshold, label, torch.full_like(label, -1))
