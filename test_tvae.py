@@ -3,12 +3,18 @@
 Each test names the property it checks. Tiny synthetic data only; the real
 MNIST files are used where present and skipped, with a reason, where absent.
 """
+import array
 import gzip
+import hashlib
 import io
 import json
 import math
 import os
+import pathlib
+import pickle
 import signal
+import struct
+import zipfile
 import zlib
 
 import pytest
@@ -17,6 +23,9 @@ import torch
 import datasets
 import experiments
 import tvae
+from datasets import DataError
+
+# ─── The model (tvae.py) ─────────────────────────────────────────────────────
 
 # The trainable parameter counts of the reference (SPEC §1.3).
 REFERENCE_PARAMETERS = {"mnist": 9_803_920, "mnist_vae": 6_465_747, "2d": 5_231_630,
@@ -253,14 +262,415 @@ def test_registry_holds_the_16_paper_experiments_with_the_named_options():
     assert experiments.EXPERIMENTS["tvae_L0_dsprites"]["eps"] == 1e-3
 
 
+# ─── MNIST files ─────────────────────────────────────────────────────────────
+
+def write_idx(path, magic, values):
+    """A gzipped IDX file: big-endian magic, one uint32 per dimension, then the uint8 values."""
+    header = struct.pack(f">I{values.dim()}I", magic, *values.shape)
+    path.write_bytes(gzip.compress(header + bytes(values.flatten().tolist())))
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    """Ten digits of random pixels as both train and test files; returns (folder, images, labels)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(256, (10, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.arange(10, dtype=torch.uint8)
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", 2051, images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", 2049, labels)
+    return tmp_path, images, labels
+
+
+def test_idx_files_parse_to_uint8_images_and_int64_labels(tiny_mnist):
+    folder, images, labels = tiny_mnist
+    got_images, got_labels = datasets.load_mnist(folder, train=False)
+    assert got_images.dtype == torch.uint8 and got_labels.dtype == torch.int64
+    assert torch.equal(got_images, images) and torch.equal(got_labels, labels.long())
+
+
+def test_split_trains_on_the_seeded_four_fifths_of_the_training_digits(tiny_mnist):
+    folder, images, _ = tiny_mnist
+    split = datasets.mnist_train_test(folder, seed=0)
+    train_images, train_labels = split["train"]
+    assert len(train_images) == 10 - 10 // 5 and len(split["test"][0]) == 10
+    assert torch.equal(train_images, images[train_labels])           # label i marks digit i: pairs kept
+    assert torch.equal(datasets.mnist_train_test(folder, seed=0)["train"][1], train_labels)
+    assert not torch.equal(datasets.mnist_train_test(folder, seed=1)["train"][1], train_labels)
+
+
+@pytest.mark.parametrize("damage", ["truncated gzip", "short payload", "not gzip"])
+def test_damaged_idx_file_is_a_data_error_naming_it(tiny_mnist, damage):
+    folder, images, _ = tiny_mnist
+    path = folder / "t10k-images-idx3-ubyte.gz"
+    if damage == "truncated gzip":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "short payload":                                  # valid gzip, header promises more
+        path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-5]))
+    else:
+        path.write_bytes(b"not a gzip file")
+    with pytest.raises(DataError, match=str(path)):
+        datasets.load_mnist(folder, train=False)
+
+
+def test_wrong_magic_number_is_a_data_error_naming_the_file(tiny_mnist):
+    folder, images, _ = tiny_mnist
+    path = folder / "t10k-images-idx3-ubyte.gz"
+    write_idx(path, 2049, images)                                    # a labels magic on the images file
+    with pytest.raises(DataError, match=str(path)):
+        datasets.load_mnist(folder, train=False)
+
+
+def test_missing_files_offline_are_one_line_naming_the_folder_and_the_option(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "MNIST_MIRRORS", ["http://127.0.0.1:9/"])   # discard port: refused at once
+    with pytest.raises(DataError) as error:
+        datasets.load_mnist(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path) in message
+    assert "--data-dir" in message and "train-images-idx3-ubyte.gz" in message
+    assert list(tmp_path.iterdir()) == []                           # no partial download left behind
+
+
+def test_downloads_are_kept_only_with_the_published_md5(tiny_mnist, tmp_path_factory, monkeypatch):
+    mirror, _, _ = tiny_mnist
+    target = tmp_path_factory.mktemp("download")
+    monkeypatch.setattr(datasets, "MNIST_MIRRORS", [mirror.as_uri() + "/"])
+    with pytest.raises(DataError, match="MD5"):                     # tiny files: not the published ones
+        datasets.load_mnist(target, train=False)
+    assert list(target.iterdir()) == []
+    md5 = {path.name: hashlib.md5(path.read_bytes()).hexdigest() for path in mirror.iterdir()}
+    monkeypatch.setattr(datasets, "MNIST_MD5", md5)
+    images, _ = datasets.load_mnist(target, train=False)
+    assert len(images) == 10
+    assert sorted(p.name for p in target.iterdir()) == ["t10k-images-idx3-ubyte.gz",
+                                                        "t10k-labels-idx1-ubyte.gz"]
+
+
+def real_mnist_dir():
+    """The real MNIST files: $TVAE_DATA_DIR, else ../shared/data/mnist beside the repository, else None."""
+    for folder in (os.environ.get("TVAE_DATA_DIR"), pathlib.Path(__file__).parent / "../shared/data/mnist"):
+        if folder and all((pathlib.Path(folder) / name).exists() for name in datasets.MNIST_MD5):
+            return pathlib.Path(folder)
+    return None
+
+
+def test_real_mnist_files_hold_60000_train_and_10000_test_digits():
+    folder = real_mnist_dir()
+    if folder is None:
+        pytest.skip("real MNIST files not found (set TVAE_DATA_DIR)")
+    images, labels = datasets.load_mnist(folder)
+    assert images.shape == (60000, 28, 28) and labels[0] == 5     # the famous first digit is a 5
+    split = datasets.mnist_train_test(folder)
+    assert len(split["train"][0]) == 48000 and split["test"][0].shape == (10000, 28, 28)
+
+
+# ─── Image operations ────────────────────────────────────────────────────────
+
+def test_rotate_scale_at_angle_0_scale_1_is_the_identity():
+    images = torch.rand(3, 2, 28, 28)
+    out = datasets.rotate_scale(images, torch.zeros(3), torch.ones(3))
+    assert torch.allclose(out, images, atol=1e-5)
+
+
+@pytest.mark.parametrize("angle, scale", [(90, 1.0), (180, 1.0), (270, 1.0), (0, 2.0), (90, 2.0)])
+def test_rotate_scale_moves_a_pixel_where_opencvs_matrix_sends_it(angle, scale):
+    x, y, cx, cy = 20, 10, 14, 14                                     # an off-centre pixel; centre (W/2, H/2)
+    a, b = scale * math.cos(math.radians(angle)), scale * math.sin(math.radians(angle))
+    to_x = round(a * x + b * y + (1 - a) * cx - b * cy)               # getRotationMatrix2D, SPEC §2.1
+    to_y = round(-b * x + a * y + b * cx + (1 - a) * cy)
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, y, x] = 1
+    out = datasets.rotate_scale(image, torch.tensor([float(angle)]), torch.tensor([scale]))
+    assert out[0, 0, to_y, to_x] == pytest.approx(1, abs=1e-4)
+    if scale == 1:
+        assert out.sum() == pytest.approx(1, abs=1e-4)              # the pixel moved, whole
+
+
+def test_shift_hue_by_a_full_turn_is_the_identity():
+    images = torch.rand(4, 3, 5, 5)
+    assert torch.allclose(datasets.shift_hue(images, torch.full((4,), 2 * math.pi)), images, atol=1e-5)
+    assert torch.allclose(datasets.shift_hue(images, torch.zeros(4)), images, atol=1e-5)
+
+
+def test_shift_hue_by_a_third_of_a_turn_turns_red_into_green_of_the_same_value():
+    red = torch.zeros(1, 3, 2, 2)
+    red[:, 0] = torch.tensor([[1.0, 0.5], [0.25, 0.0]])
+    green = datasets.shift_hue(red, torch.tensor([2 * math.pi / 3]))
+    assert torch.allclose(green, red[:, [1, 0, 2]], atol=1e-5)
+
+
+def test_perspective_at_angle_0_is_the_identity():
+    images = torch.rand(2, 3, 28, 28)
+    assert torch.equal(datasets.perspective(images, torch.zeros(2)), images)
+
+
+def test_perspective_at_180_degrees_is_the_181_degree_view():
+    images = torch.rand(2, 1, 28, 28)
+    assert torch.equal(datasets.perspective(images, torch.tensor([180.0, 181.0]))[0],
+                       datasets.perspective(images, torch.tensor([181.0, 181.0]))[0])
+
+
+def spec_homography(angle, h=28, w=28):
+    """SPEC §2.1's source→destination homography A2·T·R·A1 for phi = gamma = angle, in float64 Python."""
+    def matmul(p, q):
+        return [[sum(a * b for a, b in zip(row, col)) for col in zip(*q)] for row in p]
+    g = math.radians(angle)
+    c, s = math.cos(g), math.sin(g)
+    f = math.hypot(h, w) / (2 * s)
+    a1 = [[1, 0, -w / 2], [0, 1, -h / 2], [0, 0, 1], [0, 0, 1]]
+    ry = [[c, 0, -s, 0], [0, 1, 0, 0], [s, 0, c, 0], [0, 0, 0, 1]]
+    rz = [[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    t = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, f], [0, 0, 0, 1]]
+    a2 = [[f, 0, w / 2, 0], [0, f, h / 2, 0], [0, 0, 1, 0]]
+    return matmul(a2, matmul(t, matmul(ry, matmul(rz, a1))))        # Rx = I: theta = 0
+
+
+@pytest.mark.parametrize("angle", [40.0, 200.0])
+def test_perspective_reads_every_pixel_from_where_the_spec_homography_says(angle):
+    # Channels x, y and 1: bilinear sampling reproduces them exactly wherever all
+    # four neighbours lie inside, so each output pixel tells its source point.
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    image = torch.stack([xs, ys, torch.ones_like(xs)])[None]
+    out = datasets.perspective(image, torch.tensor([angle]))[0]
+    inside = (out[2] - 1).abs() < 1e-5
+    assert inside.sum() > 100
+    m = spec_homography(angle)
+    sources = zip(out[0][inside].tolist(), out[1][inside].tolist())
+    for (dst_y, dst_x), (src_x, src_y) in zip(inside.nonzero().tolist(), sources):
+        u, v, z = (row[0] * src_x + row[1] * src_y + row[2] for row in m)
+        assert (u / z, v / z) == pytest.approx((dst_x, dst_y), abs=2e-3)
+
+
+# ─── MNIST sequences ─────────────────────────────────────────────────────────
+
+def sample_digits(b=6):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(256, (b, 28, 28), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("kind", datasets.SEQUENCE_KINDS)
+@pytest.mark.parametrize("colour", [True, False])
+def test_sequences_have_shape_b_s_c_28_28_in_0_1(kind, colour):
+    x, labels = datasets.mnist_sequences(sample_digits(), kind, colour, torch.Generator().manual_seed(0))
+    S = 1 if kind == "none" else 18
+    assert x.shape == (6, S, 3 if colour else 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1 + 1e-6
+    assert labels["transform"].shape == (6,)
+    for name in ("angle", "scale", "hue"):
+        assert labels[name].shape == (6, S) and labels[name].dtype == torch.int64
+
+
+def test_plain_sequences_are_the_digit_in_the_red_channel():
+    digits = sample_digits()
+    x, _ = datasets.mnist_sequences(digits, "none", True)
+    assert torch.equal(x[:, 0, 0], digits / 255) and x[:, :, 1:].abs().sum() == 0
+
+
+def test_single_sequences_walk_exactly_the_labelled_factor_one_step_per_frame():
+    x, labels = datasets.mnist_sequences(sample_digits(64), "single", True, torch.Generator().manual_seed(0))
+    index = torch.stack([labels["angle"], labels["scale"], labels["hue"]], dim=1)   # (B, 3, S)
+    walks = (index.diff(dim=2) % 18 == 1).all(dim=2)                  # +1 per frame, 17 wraps to 0
+    still = (index == index[:, :, :1]).all(dim=2)
+    assert (walks ^ still).all()                                      # each factor either walks or stays
+    assert torch.equal(walks, torch.nn.functional.one_hot(labels["transform"], 3).bool())
+    assert set(labels["transform"].tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("kind", ["dual", "perspective"])
+def test_dual_sequences_walk_angle_and_hue_together_at_scale_1(kind):
+    _, labels = datasets.mnist_sequences(sample_digits(), kind, True, torch.Generator().manual_seed(0))
+    for name in ("angle", "hue"):
+        assert (labels[name].diff(dim=1) % 18 == 1).all()
+    assert (labels["scale"] == -1).all() and (labels["transform"] == -1).all()
+
+
+@pytest.mark.parametrize("kind", ["single", "dual", "perspective"])
+def test_sequence_frames_are_the_labelled_transforms_of_the_digit(kind):
+    digits = sample_digits(3)
+    x, labels = datasets.mnist_sequences(digits, kind, True, torch.Generator().manual_seed(0))
+    frames = (digits / 255).repeat_interleave(18, dim=0)[:, None]     # (N, 1, 28, 28), frame fastest
+    angles = datasets.MNIST_ANGLES[labels["angle"].flatten()]
+    if kind == "perspective":
+        frames = datasets.perspective(frames, angles)
+    else:
+        scale_idx = labels["scale"].flatten()
+        scales = torch.where(scale_idx >= 0, datasets.MNIST_SCALES[scale_idx.clamp(min=0)], 1.0)
+        frames = datasets.rotate_scale(frames, angles, scales)
+    frames = torch.cat([frames, torch.zeros_like(frames), torch.zeros_like(frames)], dim=1)
+    frames = datasets.shift_hue(frames, datasets.MNIST_HUES[labels["hue"].flatten()])
+    assert torch.allclose(x.flatten(0, 1), frames, atol=1e-6)
+
+
+def test_same_seed_gives_the_same_sequences():
+    digits = sample_digits()
+    first = datasets.mnist_sequences(digits, "single", True, torch.Generator().manual_seed(3))
+    again = datasets.mnist_sequences(digits, "single", True, torch.Generator().manual_seed(3))
+    other = datasets.mnist_sequences(digits, "single", True, torch.Generator().manual_seed(4))
+    assert torch.equal(first[0], again[0]) and all(torch.equal(first[1][k], again[1][k]) for k in first[1])
+    assert not torch.equal(first[0], other[0])
+
+
+# ─── dSprites ────────────────────────────────────────────────────────────────
+
+def npy_bytes(payload, shape, descr="|u1"):
+    """A version 1.0 .npy file: magic, little-endian header length, header dict padded to 64 bytes, data."""
+    header = repr({"descr": descr, "fortran_order": False, "shape": shape})
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin1") + payload
+
+
+class TouchOnUnpickle:
+    """Pickles to an instruction that creates a file when unpickled: a trap for whoever unpickles."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.path,)
+
+
+def write_npz(path, entries):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+
+
+@pytest.fixture(scope="module")
+def index_npz(tmp_path_factory):
+    """The real file's layout, 1×4-pixel images whose bytes spell their own index; a trapped metadata."""
+    folder = tmp_path_factory.mktemp("dsprites")
+    indices = array.array("i", range(737280))
+    assert indices.itemsize == 4
+    sentinel = folder / "unpickled"
+    metadata = npy_bytes(pickle.dumps(TouchOnUnpickle(sentinel)), (), descr="|O")
+    write_npz(folder / datasets.DSPRITES_FILE, {"imgs.npy": npy_bytes(indices.tobytes(), (737280, 1, 4)),
+                                                "metadata.npy": metadata})
+    return folder / datasets.DSPRITES_FILE, sentinel, metadata
+
+
+def test_load_dsprites_selects_the_spec_sub_grid(index_npz):
+    path, _, _ = index_npz
+    grid = datasets.load_dsprites(path)
+    assert grid.shape == (3, 5, 15, 15, 15, 1, 4) and grid.dtype == torch.uint8
+    got = grid.view(torch.int32).flatten()                            # each image's index in the full file
+    every_second = torch.arange(0, 30, 2)
+    shape, scale, orient, pos_x, pos_y = torch.meshgrid(
+        torch.arange(3), torch.arange(1, 6), every_second, every_second, every_second, indexing="ij")
+    expected = (((shape * 6 + scale) * 40 + orient) * 32 + pos_x) * 32 + pos_y    # row-major in the full grid
+    assert torch.equal(got, expected.flatten().int())
+    assert torch.equal(datasets.load_dsprites(path.parent), grid)  # a folder: the published name in it
+
+
+def test_load_dsprites_downloads_into_a_folder_that_does_not_exist_yet(index_npz, tmp_path, monkeypatch):
+    path, _, _ = index_npz
+    monkeypatch.setattr(datasets, "DSPRITES_URL", path.as_uri())
+    folder = tmp_path / "new" / "data"
+    assert datasets.load_dsprites(folder).shape == (3, 5, 15, 15, 15, 1, 4)
+    assert [p.name for p in folder.iterdir()] == [datasets.DSPRITES_FILE]
+
+
+def test_load_dsprites_never_unpickles_the_metadata(index_npz):
+    path, sentinel, metadata = index_npz
+    datasets.load_dsprites(path)
+    assert not sentinel.exists()
+    pickle.loads(metadata[metadata.index(b"\n") + 1:])               # the entry really was a trap
+    assert sentinel.exists()
+    sentinel.unlink()
+
+
+@pytest.mark.parametrize("entries", [
+    "not a zip",
+    {"metadata.npy": b""},                                           # no imgs.npy
+    {"imgs.npy": npy_bytes(bytes(16), (4, 2, 2))},                   # wrong number of images
+    {"imgs.npy": npy_bytes(bytes(737280 * 4), (737280, 1, 1), descr="<f4")},   # wrong dtype
+    {"imgs.npy": npy_bytes(bytes(1000), (737280, 1, 1))},            # truncated
+    {"imgs.npy": npy_bytes(bytes(737281), (737280, 1, 1))},          # longer than its header
+    {"imgs.npy": b"\x93NUMPY\x01\x00\x04\x00{{{\n"},                 # unparseable header
+], ids=["not-zip", "no-imgs", "shape", "dtype", "truncated", "too-long", "header"])
+def test_bad_dsprites_file_is_a_data_error_naming_it(tmp_path, entries):
+    path = tmp_path / datasets.DSPRITES_FILE
+    if isinstance(entries, str):
+        path.write_bytes(entries.encode())
+    else:
+        write_npz(path, entries)
+    with pytest.raises(DataError, match=str(path)):
+        datasets.load_dsprites(path)
+
+
+def test_corrupt_compressed_dsprites_data_is_a_data_error_naming_it(tmp_path):
+    path = tmp_path / datasets.DSPRITES_FILE
+    g = torch.Generator().manual_seed(0)
+    noise = bytes(torch.randint(256, (737280,), generator=g, dtype=torch.uint8).tolist())   # incompressible
+    write_npz(path, {"imgs.npy": npy_bytes(noise, (737280, 1, 1))})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                     # flip one byte of the deflate stream
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=str(path)):
+        datasets.load_dsprites(path)
+
+
+def test_missing_dsprites_offline_names_the_path_the_url_and_the_option(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "DSPRITES_URL", "http://127.0.0.1:9/" + datasets.DSPRITES_FILE)
+    with pytest.raises(DataError) as error:
+        datasets.load_dsprites(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path / datasets.DSPRITES_FILE) in message
+    assert datasets.DSPRITES_URL in message and "--data-dir" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return datasets.render_dsprites()
+
+
+def test_rendered_grid_is_binary_with_the_sub_grid_shape(rendered):
+    assert rendered.shape == (3, 5, 15, 15, 15, 64, 64) and rendered.dtype == torch.uint8
+    assert rendered.max() == 1                                       # 0/1 only (uint8, nothing above 1)
+    assert rendered.flatten(-2).any(dim=-1).all()                     # no pose renders empty
+
+
+def test_rendered_shapes_differ_at_the_same_pose(rendered):
+    square, ellipse, heart = rendered[:, 2, 3, 7, 7]
+    assert not torch.equal(square, ellipse) and not torch.equal(ellipse, heart)
+    assert not torch.equal(square, heart)
+
+
+def test_rendered_sprites_grow_with_scale(rendered):
+    area = rendered[:, :, :, 5:10, 5:10].flatten(-2).sum(-1)        # poses away from the edges
+    assert (area.diff(dim=1) > 0).all()
+
+
+def test_an_epoch_visits_every_start_point_once_in_full_batches():
+    batches = list(datasets.dsprites_epoch(None, 8, torch.Generator().manual_seed(0)))
+    starts = torch.cat([s for s, _ in batches])
+    factors = torch.cat([f for _, f in batches])
+    assert len(batches) == 50625 // 8 and all(len(s) == 8 for s, _ in batches)
+    flat = torch.tensor([15 ** 3 * 5, 15 ** 3, 15 ** 2, 15, 1]) @ starts.T    # row-major sub-grid index
+    assert len(flat.unique()) == len(flat) == 50624
+    assert set(factors.tolist()) == {1, 2, 3, 4}
+    assert (starts.max(dim=0).values == torch.tensor([2, 4, 14, 14, 14])).all()
+    few = list(datasets.dsprites_epoch(20, 8, torch.Generator().manual_seed(0)))
+    assert len(few) == 2 and torch.equal(few[0][0], batches[0][0])
+
+
+def test_dsprites_sequences_advance_one_factor_by_one_per_frame_with_wraparound():
+    g = torch.Generator().manual_seed(0)
+    grid = torch.randint(256, (3, 5, 15, 15, 15, 2, 2), generator=g, dtype=torch.uint8)
+    starts = torch.tensor([[0, 3, 0, 0, 0], [1, 0, 9, 2, 3], [2, 1, 1, 14, 5], [0, 0, 0, 0, 13]])
+    factors = torch.tensor([1, 2, 3, 4])
+    x, labels = datasets.dsprites_sequences(grid, starts, factors)
+    assert x.shape == (4, 15, 1, 2, 2) and x.dtype == torch.float32 and labels.shape == (4, 15, 5)
+    sizes = torch.tensor([3, 5, 15, 15, 15])
+    for b in range(4):
+        moving = factors[b].item()
+        expected = starts[b].repeat(15, 1)
+        expected[:, moving] = (starts[b, moving] + torch.arange(15)) % sizes[moving]
+        assert torch.equal(labels[b], expected)
+    assert torch.equal(x[:, :, 0], grid[labels.unbind(-1)].float())
+
+
 # ─── The training function and the command line (experiments.py) ─────────────
-
-def write_idx_gz(path, array):
-    """A standard IDX file (gzip): magic 0x0000080N (N = number of dims, uint8 data), dims, bytes."""
-    header = bytes([0, 0, 8, array.dim()]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + bytes(array.flatten().tolist()))
-
 
 @pytest.fixture(scope="module")
 def mnist_dir(tmp_path_factory):
@@ -270,14 +680,9 @@ def mnist_dir(tmp_path_factory):
     for prefix, n in (("train", 40), ("t10k", 12)):
         images = torch.zeros(n, 28, 28, dtype=torch.uint8)
         images[:, 8:20, 10:16] = torch.randint(100, 256, (n, 12, 6), generator=generator, dtype=torch.uint8)
-        write_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz", (torch.arange(n) % 10).to(torch.uint8))
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 2051, images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049, (torch.arange(n) % 10).to(torch.uint8))
     return folder
-
-
-@pytest.fixture(scope="module")
-def procedural_dsprites():
-    return datasets.render_dsprites()
 
 
 def quick_config(name, **overrides):
@@ -289,8 +694,8 @@ def quick_config(name, **overrides):
 
 
 @pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
-def test_every_experiment_runs_one_short_epoch_end_to_end(name, tmp_path, mnist_dir, procedural_dsprites, monkeypatch):
-    monkeypatch.setattr(datasets, "render_dsprites", lambda: procedural_dsprites)
+def test_every_experiment_runs_one_short_epoch_end_to_end(name, tmp_path, mnist_dir, rendered, monkeypatch):
+    monkeypatch.setattr(datasets, "render_dsprites", lambda: rendered)
     config = quick_config(name, test_sequences=12 if name == "tvae_2d_mnist" else 2)
     records, interrupted = experiments.train(config, tmp_path, mnist_dir, "cpu", dsprites_source="procedural")
     assert not interrupted
@@ -341,6 +746,15 @@ def test_unknown_name_exits_2_and_suggests_the_closest(capsys):
     with pytest.raises(SystemExit) as stop:
         experiments.main(["tvae_lhalf_mnist"])
     assert stop.value.code == 2 and "tvae_Lhalf_mnist" in capsys.readouterr().err
+
+
+def test_missing_data_offline_is_one_line_naming_the_folder_and_exit_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "MNIST_MIRRORS", ["http://127.0.0.1:9/"])      # a closed local port
+    status = experiments.main(["tvae_Lhalf_mnist", "--data-dir", str(tmp_path / "empty"),
+                               "--out", str(tmp_path / "run"), "--device", "cpu"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert status == 1 and len(errors) == 1
+    assert str(tmp_path / "empty") in errors[0] and "--data-dir" in errors[0]
 
 
 def test_list_names_all_16_experiments(capsys):
