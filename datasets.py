@@ -351,8 +351,11 @@ def mnist_sequences(digits, kind, colour, generator=None):
     else:
         frames = rotate_scale(frames, angles, scales)
     if colour:
-        frames = F.pad(frames, (0, 0, 0, 0, 0, 2))                 # (N, 3, H, W), digit in red, G = B = 0
-        frames = shift_hue(frames, hues)
+        # The digit goes into the red channel (G = B = 0), then its hue is shifted.
+        # A red pixel (v, 0, 0) has hue 0, saturation 1 and value v, so its shifted
+        # colour is v times the shifted colour of pure red: one RGB factor per frame.
+        red = torch.tensor([1.0, 0.0, 0.0], device=device).expand(B * S, 3)[..., None, None]
+        frames = frames * shift_hue(red, hues)                     # (N, 1, H, W) · (N, 3, 1, 1) → (N, 3, H, W)
     labels = {"transform": transform, "angle": angle_idx, "scale": scale_idx, "hue": hue_idx}
     return frames.view(B, S, -1, H, W), {name: value.to(device) for name, value in labels.items()}
 

@@ -113,6 +113,15 @@ def test_equivariance_error_of_random_unit_vectors_is_chance_level():
     assert abs(error - 13_270) < 0.02 * 13_270
 
 
+def test_equivariance_error_equals_its_definition_term_by_term():
+    B, S, caps, D = 3, 5, 2, 7
+    t = torch.randn(B * S, caps * D)
+    unit = torch.nn.functional.normalize(t.view(B, S, caps, D), dim=3)
+    total = sum((unit[b, t0].roll(t1 - t0, dims=1) - unit[b, t1]).abs().sum()
+                for b in range(B) for t0 in range(S) for t1 in range(t0 + 1, S))
+    assert torch.allclose(tvae.equivariance_error(t, S, caps, D), total / B, rtol=1e-5)
+
+
 def test_equivariance_error_equals_the_cyclic_form_when_cap_dim_is_S():
     S = D = 6
     t = torch.randn(3 * S, 2 * D)

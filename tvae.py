@@ -313,15 +313,18 @@ def equivariance_error(t, n_transforms, n_caps, cap_dim):
         E_eq = (1/B) Σ_b Σ_{t0<t1} Σ_caps ‖ Roll_{t1−t0}(t̂[b, t0]) − t̂[b, t1] ‖₁
 
     t̂ is every capsule vector divided by its L2 norm; Roll_k moves unit i to
-    i + k (torch.roll). All S(S−1)/2 frame pairs are compared in one gather.
+    i + k (torch.roll). Un-roll every frame by its own index, a[τ] = Roll_−τ(t̂[τ]):
+    then Roll_{t1−t0}(t̂[t0]) − t̂[t1] = Roll_t1(a[t0] − a[t1]), and a roll keeps the
+    L1 norm, so E_eq sums the L1 distances between all pairs of un-rolled
+    frames. A perfectly equivariant code un-rolls to the same vector in every frame.
     """
     S = n_transforms
     t = F.normalize(t.view(-1, S, n_caps, cap_dim), dim=3)        # t̂, (B, S, n_caps, cap_dim)
-    t0, t1 = torch.triu_indices(S, S, offset=1, device=t.device)  # all pairs t0 < t1, (P,) each
-    units = torch.arange(cap_dim, device=t.device)
-    source = (units[None, :] - (t1 - t0)[:, None]) % cap_dim      # Roll_k: out[i] = in[i − k], (P, cap_dim)
-    rolled = t[:, t0].gather(3, source[None, :, None, :].expand(t.shape[0], -1, n_caps, -1))
-    return (rolled - t[:, t1]).abs().sum(dim=(1, 2, 3)).mean()
+    frame, unit = torch.arange(S, device=t.device)[:, None], torch.arange(cap_dim, device=t.device)
+    source = ((unit + frame) % cap_dim).expand(t.shape[0], n_caps, S, cap_dim).transpose(1, 2)
+    unrolled = t.gather(3, source).flatten(2)                     # a: out[τ, i] = t̂[τ, i + τ], (B, S, d)
+    distances = torch.cdist(unrolled, unrolled, p=1)              # (B, S, S), symmetric
+    return distances.sum(dim=(1, 2)).mean() / 2                   # each pair t0 < t1 once
 
 
 def capsule_offsets(t, labels, n_caps, cap_dim):
