@@ -128,7 +128,7 @@ class MnistData:
     def test_batches(self, batch_size):
         """The fixed test sequences: the same for every evaluation of every run with this seed."""
         generator = torch.Generator().manual_seed(self.config["seed"])
-        n = len(self.test_digits) if self.config["test_sequences"] is None else self.config["test_sequences"]
+        n = min(len(self.test_digits), self.config["test_sequences"] or len(self.test_digits))
         for start in range(0, n, batch_size):
             digits = self.test_digits[start:min(start + batch_size, n)]
             x, labels = datasets.mnist_sequences(digits, self.config["test_kind"],
@@ -139,7 +139,7 @@ class MnistData:
 class DspritesData:
     """The dSprites sub-grid on the device (the real file or the procedural renderer, SPEC §2.2)."""
 
-    TEST_SEQUENCES = 1000   # dSprites has no test split: a fixed set of sequences for evaluation
+    TEST_SEQUENCES = 1024   # dSprites has no test split: a fixed set of sequences for evaluation
 
     def __init__(self, config, data_dir, device, source):
         if source == "procedural":
@@ -153,6 +153,8 @@ class DspritesData:
         """Every grid point once as a start, shuffled, with a random factor: (n_batches, B, 6)."""
         batches = [torch.cat([starts, factors[:, None]], dim=1) for starts, factors in
                    datasets.dsprites_epoch(self.config["train_sequences"], self.config["batch_size"], generator)]
+        if not batches:
+            raise datasets.DataError(f"fewer sequences ({self.config['train_sequences']}) than one batch")
         return torch.stack(batches)
 
     def batch(self, rows, generator):
@@ -161,7 +163,7 @@ class DspritesData:
 
     def test_batches(self, batch_size):
         generator = torch.Generator().manual_seed(self.config["seed"])
-        n = self.config["test_sequences"] or self.TEST_SEQUENCES
+        n = self.config["test_sequences"] or self.TEST_SEQUENCES   # in whole batches
         for starts, factors in datasets.dsprites_epoch(n, min(batch_size, n), generator):
             x, labels = datasets.dsprites_sequences(self.grid, starts.to(self.grid.device),
                                                     factors.to(self.grid.device), self.config["n_transforms"])
@@ -631,7 +633,7 @@ def parse_args(argv):
     parser.add_argument("--train-sequences", type=_positive_int,
                         help="train on the first N sequences of each epoch only (quick runs)")
     parser.add_argument("--test-sequences", type=_positive_int,
-                        help="evaluate on the first N test sequences only (default: all; 1000 for dSprites)")
+                        help="evaluate on the first N test sequences only (default: all; 1024 for dSprites)")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N or mps (default: CUDA, else MPS, else the CPU)")
     parser.add_argument("--data-dir", type=Path,

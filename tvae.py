@@ -25,7 +25,7 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 # ─── Encoders: q(z|x) and q(u|x) ──────────────────────────────────────────────
-# SPEC §1.2, paper §3 (Eq. 4): both encoders are diagonal Gaussians with the same
+# SPEC §1.2: both encoders are diagonal Gaussians with the same
 # architecture and separate weights. The reference writes them as a full-image
 # Conv2d followed by 1×1 convolutions: the same function (and the same default
 # initialisation, fan_in = C·H·W) as Linear layers on the flattened image.
@@ -112,7 +112,7 @@ def bernoulli_nll(probs, x):
 
 
 # ─── Grouper: the topographic kernel W and the padder ────────────────────────
-# Paper Eq. 3 and SPEC §1.4: the topographic latent is
+# SPEC §1.4: the topographic latent is
 #
 #     t = (z + mu) / sqrt(W ⊛ u² + eps)
 #
@@ -192,11 +192,11 @@ class Grouper(nn.Module):
 
     def forward(self, z, u):                                      # z, u (N, d)
         v = self.from_torus(self.to_torus(u ** 2) @ self.torus_matrix)   # W ⊛ u², (N, d)
-        return (z + self.mu) / torch.sqrt(v + self.eps)           # Eq. 3
+        return (z + self.mu) / torch.sqrt(v + self.eps)           # SPEC §1.4
 
 
 # ─── The model ───────────────────────────────────────────────────────────────
-# Paper §3-4, SPEC §1.4c: with grouper=None this is the non-topographic
+# SPEC §1.4c: with grouper=None this is the non-topographic
 # baseline VAE (t = z, no u-encoder, no mu, KL on z only).
 
 class TVAE(nn.Module):
@@ -308,7 +308,7 @@ class TVAE(nn.Module):
 # ─── Metrics ─────────────────────────────────────────────────────────────────
 
 def equivariance_error(t, n_transforms, n_caps, cap_dim):
-    """E_eq of SPEC §1.6 (paper §5, Table 1), averaged over the B sequences of t (N, d).
+    """E_eq of SPEC §1.6 (the paper's Table 1), averaged over the B sequences of t (N, d).
 
         E_eq = (1/B) Σ_b Σ_{t0<t1} Σ_caps ‖ Roll_{t1−t0}(t̂[b, t0]) − t̂[b, t1] ‖₁
 
