@@ -231,7 +231,8 @@ def selectivity_picture(labels, map_shape, class_means):
     colours = torch.cat([CLASS_COLOURS, torch.zeros(1, 3)])[labels.cpu()]       # −1 → black, (d, 3)
     height, width = class_means.shape[2:]
     cells = colours[:, :, None, None].expand(-1, -1, height, width)              # (d, 3, H, W)
-    legend = class_means.cpu().mean(1, keepdim=True) * CLASS_COLOURS[:, :, None, None]
+    means = class_means.cpu().mean(1, keepdim=True)                             # grey, (10, 1, H, W)
+    legend = means / means.amax(dim=(2, 3), keepdim=True).clamp(min=1e-8) * CLASS_COLOURS[:, :, None, None]
     return image_grid([*cells.split(map_shape[1]), legend])
 
 
