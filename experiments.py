@@ -28,7 +28,7 @@ import tvae
 # Shared by all experiments unless overridden: SGD lr 1e-4, momentum 0.9,
 # batches of 8 sequences, 100 epochs, evaluation every 5 epochs from epoch 0.
 _COMMON = dict(lr=1e-4, momentum=0.9, batch_size=8, max_epochs=100, eval_epochs=5,
-               n_is_samples=10, eps=1e-6, mu_init=30, n_off_diag=None, map_shape=None,
+               n_is_samples=10, eps=1e-6, mu_init=30.0, n_off_diag=None, map_shape=None,
                train_sequences=None, test_sequences=None, wandb_on=False)
 # MNIST: 18 capsules of 18 units, sequences of 18 frames of RGB 28×28 digits (SPEC §2.1).
 _MNIST = dict(_COMMON, data="mnist", train_kind="single", test_kind="single",
@@ -51,7 +51,7 @@ _VAE = dict(grouper="none", group_kernel=None, mu_init=None)
 EXPERIMENTS = {
     "tvae_2d_mnist": dict(_MNIST, train_kind="none", test_kind="none", grouper="map2d",
                           n_caps=1, cap_dim=324, n_transforms=1, map_shape=(18, 18),
-                          group_kernel=(5, 5, 1), mu_init=10, batch_size=128, max_epochs=250,
+                          group_kernel=(5, 5, 1), mu_init=10.0, batch_size=128, max_epochs=250,
                           seed=1, paper="Figure 3 (2-D topographic map)"),
     "tvae_Lhalf_mnist": dict(_MNIST, **_shifting(18, 1), seed=1, paper="Table 1, L=1/2"),
     "tvae_Lpartial_mnist": dict(_MNIST, **_shifting(13, 1), seed=2, paper="Figure 4 (MNIST)"),
@@ -281,6 +281,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stops without touching the last good checkpoint."""
 
 
+class CheckpointError(RuntimeError):
+    """The checkpoint to resume from cannot be read."""
+
+
 class Stop:
     """Ctrl-C (SIGINT) asks the training loop to stop after the current step; a second one stops at once."""
 
@@ -294,6 +298,8 @@ class Stop:
     def _handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, self.previous)
+        print("\nstopping after the current step (or evaluation) to save a checkpoint; "
+              "Ctrl-C again stops at once", file=sys.stderr)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
@@ -413,7 +419,11 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, dsprites_s
     state = {"epoch": 0, "batch": 0, "step": 0, "plan": None, "sums": None, "offsets": []}
     records = []
     if resume:
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        try:
+            checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        except Exception as error:          # whatever torch.load meets in a damaged file
+            raise CheckpointError(f"cannot read {checkpoint_path} ({type(error).__name__}: {error}); "
+                                  f"start again without --resume, or into another --out") from None
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = checkpoint["state"]
@@ -612,8 +622,16 @@ def _key_value(text):
         return key, value              # a bare word is a string
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line on stderr (exit status 2)."""
+
+    def error(self, message):
+        print(f"error: {message} (python experiments.py --help explains the options)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="experiments.py",
         description="Train one experiment of 'Topographic VAEs learn Equivariant Capsules' "
                     "(Keller & Welling, NeurIPS 2021). Writes config.json, metrics.jsonl, "
@@ -659,6 +677,17 @@ def resolve_name(name):
     sys.exit(2)
 
 
+def _same_kind(old, new):
+    """JSON-compatible type check: ints may replace floats, lists replace tuples, bools only bools."""
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, float):
+        return isinstance(new, (int, float))
+    if isinstance(old, (list, tuple)):
+        return isinstance(new, (list, tuple)) and len(new) == len(old)
+    return type(new) is type(old)
+
+
 def resolve_config(name, args, parser):
     """The registry's config with the command line's overrides; with --resume, the run's saved config."""
     config = copy.deepcopy(EXPERIMENTS[name])
@@ -666,7 +695,12 @@ def resolve_config(name, args, parser):
         saved = args.out / "config.json"
         if not (args.out / "checkpoint.pt").exists() or not saved.exists():
             parser.error(f"--resume: no checkpoint in {args.out} (run without --resume to start)")
-        config = json.loads(saved.read_text())
+        try:
+            config = json.loads(saved.read_text())
+        except json.JSONDecodeError as error:
+            parser.error(f"--resume: {saved} is not valid JSON ({error})")
+        if not isinstance(config, dict) or config.keys() != EXPERIMENTS[name].keys():
+            parser.error(f"--resume: {saved} does not hold a config of {name}")
     overrides = dict(args.set)
     for key, value in [("max_epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
                        ("seed", args.seed), ("train_sequences", args.train_sequences),
@@ -676,10 +710,26 @@ def resolve_config(name, args, parser):
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         parser.error(f"unknown config key(s) {', '.join(unknown)}; the keys are: {', '.join(sorted(config))}")
+    for key, value in overrides.items():    # a value must have the type of the one it replaces
+        old = config[key]
+        if old is not None and value is not None and not _same_kind(old, value):
+            parser.error(f"--set {key}={json.dumps(value)}: expected a value like {json.dumps(old)}")
     config.update(overrides)
     if config["train_sequences"] is not None and config["train_sequences"] < config["batch_size"]:
         parser.error(f"--train-sequences {config['train_sequences']} is less than one batch ({config['batch_size']})")
     return config
+
+
+def _resume_command(name, args):
+    """The command line that continues this run."""
+    words = ["python experiments.py", name, "--resume", "--out", str(args.out)]
+    if args.data_dir:
+        words += ["--data-dir", str(args.data_dir)]
+    if args.device != "auto":
+        words += ["--device", args.device]
+    if args.dsprites != "file":
+        words += ["--dsprites", args.dsprites]
+    return " ".join(words)
 
 
 def main(argv=None):
@@ -708,12 +758,18 @@ def main(argv=None):
     print(f"{name}: {config['paper']}; {device}; writing to {args.out}", file=sys.stderr)
     try:
         records, interrupted = train(config, args.out, data_dir, device, args.resume, args.dsprites)
-    except (datasets.DataError, NonFiniteLoss) as error:
+    except (datasets.DataError, NonFiniteLoss, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if (args.out / "checkpoint.pt").exists():
+            print(f"stopped at once; the last checkpoint is kept. Continue with: {_resume_command(name, args)}",
+                  file=sys.stderr)
+        else:
+            print("stopped at once, before the first checkpoint", file=sys.stderr)
+        return 130
     if interrupted:
-        print(f"stopped; the checkpoint is saved. Continue with: python experiments.py {name} "
-              f"--resume --out {args.out}", file=sys.stderr)
+        print(f"stopped; the checkpoint is saved. Continue with: {_resume_command(name, args)}", file=sys.stderr)
         return 130
     print(f"done: {json.dumps(records[-1])}", file=sys.stderr)
     return 0

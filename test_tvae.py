@@ -766,6 +766,13 @@ def test_missing_data_offline_is_one_line_naming_the_folder_and_exit_1(tmp_path,
     assert str(tmp_path / "empty") in errors[0] and "--data-dir" in errors[0]
 
 
+def test_a_set_value_of_the_wrong_type_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        experiments.main(["tvae_Lhalf_mnist", "--set", "n_caps=abc"])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and len(error.strip().splitlines()) == 1 and "n_caps" in error
+
+
 def test_list_names_all_16_experiments(capsys):
     assert experiments.main(["--list"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 16
