@@ -404,7 +404,7 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, dsprites_s
     the test metrics and pictures (evaluate). Each epoch ends with an atomic
     checkpoint; Ctrl-C writes one after the current step. With resume=True the
     run continues from out_dir/checkpoint.pt to the same result as if it had not
-    stopped. Returns the metrics records written.
+    stopped. Returns (the run's metrics records, whether Ctrl-C stopped it).
     """
     out_dir, device = Path(out_dir), torch.device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
