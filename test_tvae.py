@@ -785,6 +785,16 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_term(tmp_path, mnist_dir, 
     assert status == 1 and "step 1" in error and "loss" in error and "Traceback" not in error
 
 
+@pytest.mark.parametrize("name", ["tvae_Lshort_mnist", "nontvae_dsprites"])
+def test_the_benchmark_reports_the_step_and_the_shares_of_its_parts(name, mnist_dir, rendered, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "render_dsprites", lambda: rendered)
+    experiments.benchmark(name, mnist_dir, "cpu", "procedural", repeats=1, steps=1)
+    report = capsys.readouterr().out
+    for part in ("training step", "making the batch", "grouper", "plain MLP"):
+        assert part in report
+    assert "sequences/s" in report and "nan" not in report
+
+
 def test_png_writer_output_decodes_back_to_the_pixels_written(tmp_path):
     image = torch.rand(3, 5, 7)
     experiments.write_png(tmp_path / "a.png", image)
