@@ -378,6 +378,7 @@ def evaluate(model, data, config, out_dir, epoch):
         record["test_eq_error"] = eq_error / n_sequences
         write_png(out_dir / f"traversal_{epoch:03d}.png",
                   image_grid(list(model.capsule_traversal(first_batch[0], caps, D))))
+        write_png(out_dir / f"samples_{epoch:03d}.png", image_grid(list(model.sample(4, S))))  # 4 sequences
     if offsets:
         record["test_capsule_correlation"] = _correlations(offsets)
     if config["grouper"] == "map2d":

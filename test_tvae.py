@@ -715,7 +715,7 @@ def test_every_experiment_runs_one_short_epoch_end_to_end(name, tmp_path, mnist_
         assert math.isfinite((train_line | test_line)[key])
     if config["n_transforms"] > 1:
         assert math.isfinite(train_line["train_eq_error"]) and math.isfinite(test_line["test_eq_error"])
-        assert (tmp_path / "traversal_000.png").exists()
+        assert (tmp_path / "traversal_000.png").exists() and (tmp_path / "samples_000.png").exists()
     if config["data"] == "dsprites":
         assert set(train_line["capsule_correlation"]) == {"scale", "orientation", "posX", "posY"}
     if config["grouper"] == "map2d":
