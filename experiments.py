@@ -382,22 +382,30 @@ def evaluate(model, data, config, out_dir, epoch):
     if offsets:
         record["test_capsule_correlation"] = _correlations(offsets)
     if config["grouper"] == "map2d":
-        write_figure3(model, first_batch, torch.cat(images), torch.cat(codes), torch.cat(digit_classes),
+        t, classes = torch.cat(codes), torch.cat(digit_classes)
+        labels = tvae.class_selectivity(t, classes)
+        share, shuffled = tvae.topographic_agreement(labels, tuple(config["map_shape"]),
+                                                     generator=torch.Generator().manual_seed(0))
+        finite = [None if math.isnan(value) else value for value in (share, shuffled)]   # no pairs: null
+        record["test_topography"] = {"selective_units": int((labels >= 0).sum()),
+                                     "same_class_neighbours": finite[0], "shuffled": finite[1],
+                                     "ratio": share / shuffled if None not in finite and shuffled else None}
+        write_figure3(model, first_batch, torch.cat(images), t, classes, labels,
                       config["map_shape"], out_dir, epoch)
     return record
 
 
-def write_figure3(model, first_batch, images, t, classes, map_shape, out_dir, epoch):
+def write_figure3(model, first_batch, images, t, classes, labels, map_shape, out_dir, epoch):
     """The pictures of the 2-D model (Figure 3, SPEC §1.7) from a pass over the test set.
 
-    images (n, C, H, W) and t (n, d) of the n test digits, classes (n,).
+    images (n, C, H, W) and t (n, d) of the n test digits, classes (n,), labels (d,) each unit's class.
     """
     write_png(out_dir / f"samples_{epoch:03d}.png", image_grid(list(model.sample(100, 1)[:, 0].split(10))))
     most_active = images[t.abs().argmax(dim=0)]                              # (d, C, H, W)
     write_png(out_dir / f"max_activation_{epoch:03d}.png", image_grid(list(most_active.split(map_shape[1]))))
     class_means = torch.stack([images[classes == c].mean(0).nan_to_num() for c in range(10)])  # (10, C, H, W)
     write_png(out_dir / f"selectivity_{epoch:03d}.png",
-              selectivity_picture(tvae.class_selectivity(t, classes), map_shape, class_means))
+              selectivity_picture(labels, map_shape, class_means))
     digits = first_batch[:16]                                                # (16, 1, C, H, W)
     reconstructions = model(digits)["probs"].view(digits.shape)
     write_png(out_dir / f"reconstruction_{epoch:03d}.png", image_grid([digits[:, 0], reconstructions[:, 0]]))
@@ -441,7 +449,14 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, dsprites_s
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     wandb = _start_wandb(config, out_dir) if config["wandb_on"] else None
 
+    started, wall_before = time.perf_counter(), state.get("wall_s", 0.0)
+
+    def wall_s():
+        """Seconds this run has trained and evaluated, over all its resumptions."""
+        return round(wall_before + time.perf_counter() - started, 1)
+
     def log(record):
+        record.update(wall_s=wall_s(), device=str(device))
         records.append(record)
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -449,6 +464,7 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, dsprites_s
             wandb.log(record, step=record["step"])
 
     def save():
+        state["wall_s"] = wall_s()
         _save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
                           "rng": _rng_states(generator, device), "config": config}, checkpoint_path)
 

@@ -373,3 +373,27 @@ def class_selectivity(t, classes, n_classes=10, threshold=0.85):
     d_prime = torch.stack(d_prime).nan_to_num(nan=-math.inf)      # (n_classes, d); an absent class never wins
     best, label = d_prime.max(dim=0)                              # (d,) each
     return torch.where(best >= threshold, label, torch.full_like(label, -1))
+
+
+def topographic_agreement(labels, map_shape, n_shuffles=100, generator=None):
+    """How topographic a class-selectivity map is (Figure 3): same-class neighbours, against chance.
+
+    labels (d,): each unit's preferred class or −1 (class_selectivity), laid out
+    row-major on the rows × cols torus. Among pairs of 4-neighbours that both
+    prefer a class, the share that prefer the same one; beside it the same share
+    with the units' positions shuffled (mean over n_shuffles permutations). A
+    map with no topography scores a ratio of about 1. Returns (share, shuffled share).
+    """
+    def agreement(grid):                                          # grid (rows, cols)
+        same = pairs = 0
+        for neighbour in (grid.roll(1, dims=0), grid.roll(1, dims=1)):
+            both = (grid >= 0) & (neighbour >= 0)
+            same += ((grid == neighbour) & both).sum().item()
+            pairs += both.sum().item()
+        return same / pairs if pairs else math.nan
+
+    labels = labels.cpu()
+    share = agreement(labels.view(map_shape))
+    shuffled = [agreement(labels[torch.randperm(len(labels), generator=generator)].view(map_shape))
+                for _ in range(n_shuffles)]
+    return share, sum(shuffled) / n_shuffles
