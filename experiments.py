@@ -1,11 +1,15 @@
-"""Every experiment of the paper, one training function, and the command line.
+"""Every experiment of the paper, one training loop, and the command line.
 
     python experiments.py tvae_Lhalf_mnist                 # train (Table 1, L = 1/2)
     python experiments.py --list                           # what each experiment reproduces
+    python experiments.py --show tvae_Lhalf_mnist          # its whole config
     python experiments.py tvae_Lhalf_mnist --train-sequences 64 --epochs 2   # a quick look
+    python experiments.py --report runs/*                  # the paper's tables from finished runs
 
-The registry EXPERIMENTS maps each name of SPEC §3 to its config; the keys are
-named as the authors' code names its options. `train` runs any of them.
+Read it in this order: the registry EXPERIMENTS (one config per experiment of
+the paper, keys named as the authors' code names its options), build_model,
+train (the loop), evaluate, the pictures; then the machinery: data plumbing,
+the run folder, the benchmark, the report and the command line.
 """
 import argparse
 import copy
@@ -16,49 +20,64 @@ import os
 import signal
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
-import torch
+# torch warns at import when numpy is absent; this project never uses numpy, so that warning is noise.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+import torch  # noqa: E402  (after the filter above)
 
-import datasets
-import tvae
+import datasets  # noqa: E402
+import tvae  # noqa: E402
 
-# ─── The registry (SPEC §3) ──────────────────────────────────────────────────
+# ─── The registry: the paper's experiments ───────────────────────────────────
 # Shared by all experiments unless overridden: SGD lr 1e-4, momentum 0.9,
-# batches of 8 sequences, 100 epochs, evaluation every 5 epochs from epoch 0.
+# batches of 8 sequences, 100 epochs, evaluation every 5 epochs from epoch 0,
+# 10 importance samples for log p(x).
 _COMMON = dict(lr=1e-4, momentum=0.9, batch_size=8, max_epochs=100, eval_epochs=5,
                n_is_samples=10, eps=1e-6, mu_init=30.0, n_off_diag=None, map_shape=None,
                train_sequences=None, test_sequences=None, wandb_on=False)
-# MNIST: 18 capsules of 18 units, sequences of 18 frames of RGB 28×28 digits (SPEC §2.1).
+# MNIST: 18 capsules of 18 units; sequences of S = 18 frames of 28×28 digits, RGB
+# (the digit in the red channel) because the hue may change (datasets.py).
 _MNIST = dict(_COMMON, data="mnist", train_kind="single", test_kind="single",
-              n_caps=18, cap_dim=18, n_transforms=18, max_transform_len=18)
-# dSprites: 15 capsules of 15 units, sequences of 15 frames of 64×64 sprites (SPEC §2.2).
+              n_caps=18, cap_dim=18, n_transforms=18)
+# dSprites: 15 capsules of 15 units; sequences of S = 15 frames of 64×64 sprites,
+# from the published file or drawn procedurally (dsprites_source: "file" or "procedural").
 _DSPRITES = dict(_COMMON, data="dsprites", train_kind="dsprites", test_kind="dsprites",
-                 n_caps=15, cap_dim=15, n_transforms=15, max_transform_len=30, seed=1)
+                 n_caps=15, cap_dim=15, n_transforms=15, dsprites_source="file", seed=1)
 
 
 def _shifting(kernel, n_off_diag):
-    return dict(grouper="shifting", group_kernel=(kernel, kernel, 1), n_off_diag=n_off_diag)
+    """Shifting capsules (tvae.py, the grouper): a kT = kC = kernel window that moves one unit per frame.
+
+    The paper's L = kT / (2S) is the share of the capsule the window covers in
+    time, and K = 2·n_off_diag + 1 its width in units within a frame.
+    """
+    return dict(grouper="shifting", group_kernel=(kernel, kernel), n_off_diag=n_off_diag)
 
 
 def _stationary(k_time, k_capsule):
-    return dict(grouper="stationary", group_kernel=(k_time, k_capsule, 1))
+    """Stationary capsules: every unit within k_time frames × k_capsule units, no shift (Bubbles, L = 0)."""
+    return dict(grouper="stationary", group_kernel=(k_time, k_capsule))
 
 
 _VAE = dict(grouper="none", group_kernel=None, mu_init=None)
 
 EXPERIMENTS = {
+    # Figure 3: one capsule of 324 units on an 18×18 torus, 5×5 neighbourhoods, single digits.
     "tvae_2d_mnist": dict(_MNIST, train_kind="none", test_kind="none", grouper="map2d",
                           n_caps=1, cap_dim=324, n_transforms=1, map_shape=(18, 18),
-                          group_kernel=(5, 5, 1), mu_init=10.0, batch_size=128, max_epochs=250,
+                          group_kernel=(5, 5), mu_init=10.0, batch_size=128, max_epochs=250,
                           seed=1, paper="Figure 3 (2-D topographic map)"),
+    # Table 1 and Figure 4, MNIST, S = 18: L = 18/36 = 1/2, 13/36, 5/36; K = 3 throughout.
     "tvae_Lhalf_mnist": dict(_MNIST, **_shifting(18, 1), seed=1, paper="Table 1, L=1/2"),
-    "tvae_Lpartial_mnist": dict(_MNIST, **_shifting(13, 1), seed=2, paper="Figure 4 (MNIST)"),
+    "tvae_Lpartial_mnist": dict(_MNIST, **_shifting(13, 1), seed=2, paper="Figure 4 (MNIST), L=13/36"),
     "tvae_Lshort_mnist": dict(_MNIST, **_shifting(5, 1), seed=2, paper="Table 1, L=5/36"),
     "bubbles_mnist": dict(_MNIST, **_stationary(5, 3), seed=1, paper="Table 1, Bubbles"),
     "tvae_L0_mnist": dict(_MNIST, **_stationary(1, 3), seed=1, paper="Table 1, L=0"),
     "nontvae_mnist": dict(_MNIST, **_VAE, seed=1, paper="Table 1, VAE"),
+    # Figures 1, 6, Section B.4: trained on one transformation at a time, tested on rotation and colour together.
     "tvae_Lpartial_mnist_generalization": dict(
         _MNIST, **_shifting(13, 1), test_kind="dual", seed=2,
         paper="Figures 1, 6, Section B.4 (train single, test rotation+colour)"),
@@ -67,6 +86,7 @@ EXPERIMENTS = {
     "tvae_Lpartial_perspective_mnist": dict(_MNIST, **_shifting(13, 1), train_kind="perspective",
                                             test_kind="perspective", seed=1,
                                             paper="Figure 22 (perspective+colour)"),
+    # Table 2 and Figure 4, dSprites, S = 15: L = 15/30 = 1/2, 10/30 = 1/3, 5/30 = 1/6; K = 1.
     "tvae_Lhalf_dsprites": dict(_DSPRITES, **_shifting(15, 0), paper="Table 2, L=1/2"),
     "tvae_Lpartial_dsprites": dict(_DSPRITES, **_shifting(10, 0), paper="Figure 4 (dSprites), Table 2, L=1/3"),
     "tvae_Lshort_dsprites": dict(_DSPRITES, **_shifting(5, 0), paper="Table 2, L=1/6"),
@@ -79,116 +99,221 @@ for _name, _config in EXPERIMENTS.items():
 
 
 def image_shape(config):
-    """(C, H, W) of the experiment's images: RGB digits when colour changes (SPEC §2.1)."""
+    """(C, H, W) of the experiment's images: RGB digits when colour changes."""
     if config["data"] == "dsprites":
         return (1, 64, 64)
     return (1 if config["train_kind"] == "none" else 3, 28, 28)
 
 
 def build_model(config):
-    """The TVAE of an experiment config: its grouper variant of SPEC §1.4 (None for the VAE)."""
+    """The TVAE of an experiment config, with its grouper (None for the VAE baseline)."""
     d = config["n_caps"] * config["cap_dim"]
     if config["grouper"] == "none":
         return tvae.TVAE(image_shape(config), d)
-    k_time, k_capsule, _ = config["group_kernel"]
     n_off_diag = config["n_off_diag"] if config["grouper"] == "shifting" else None
-    grouper = tvae.Grouper(tvae.topographic_kernel(k_time, k_capsule, n_off_diag),
+    grouper = tvae.Grouper(tvae.topographic_kernel(*config["group_kernel"], n_off_diag),
                            config["n_transforms"], config["n_caps"], config["cap_dim"],
                            config["mu_init"], config["eps"],
                            tuple(config["map_shape"]) if config["map_shape"] else None)
     return tvae.TVAE(image_shape(config), d, grouper)
 
 
-# ─── Data: the same three calls for MNIST and dSprites ───────────────────────
-# An epoch is planned up front as a (n_batches, B, k) tensor of what to draw, so
-# a checkpoint can hold it and a resumed run continues mid-epoch exactly where
-# the interrupted one stopped. Sequences are generated batch by batch on the
-# training device (datasets.py); random choices come from one CPU generator.
-
-class MnistData:
-    """MNIST digits on the device; sequences of SPEC §2.1 made per batch."""
-
-    def __init__(self, config, data_dir, device):
-        split = datasets.mnist_train_test(data_dir, seed=config["seed"])
-        self.train_digits = split["train"][0].to(device)
-        self.test_digits, self.test_classes = (part.to(device) for part in split["test"])
-        self.config = config
-
-    def plan_epoch(self, generator):
-        """Each training digit once, shuffled: (n_batches, B, 1) digit indices."""
-        order = torch.randperm(len(self.train_digits), generator=generator)
-        return _whole_batches(order[:self.config["train_sequences"]], self.config["batch_size"])[..., None]
-
-    def batch(self, rows, generator):
-        """x (B, S, C, H, W) and labels for one row of the plan."""
-        digits = self.train_digits[rows[:, 0].to(self.train_digits.device)]
-        return datasets.mnist_sequences(digits, self.config["train_kind"],
-                                        image_shape(self.config)[0] == 3, generator)
-
-    def test_batches(self, batch_size):
-        """The fixed test sequences: the same for every evaluation of every run with this seed."""
-        generator = torch.Generator().manual_seed(self.config["seed"])
-        n = min(len(self.test_digits), self.config["test_sequences"] or len(self.test_digits))
-        for start in range(0, n, batch_size):
-            digits = self.test_digits[start:min(start + batch_size, n)]
-            x, labels = datasets.mnist_sequences(digits, self.config["test_kind"],
-                                                 image_shape(self.config)[0] == 3, generator)
-            yield x, labels, self.test_classes[start:start + len(digits)]
+def sgd(parameters, config, device):
+    """SGD with momentum, constant learning rate; the fused kernel where torch has one (faster here)."""
+    return torch.optim.SGD(parameters, lr=config["lr"], momentum=config["momentum"],
+                           fused=torch.device(device).type in ("cpu", "cuda"))
 
 
-class DspritesData:
-    """The dSprites sub-grid on the device (the real file or the procedural renderer, SPEC §2.2)."""
+# ─── Training ────────────────────────────────────────────────────────────────
 
-    TEST_SEQUENCES = 1024   # dSprites has no test split: a fixed set of sequences for evaluation
-
-    def __init__(self, config, data_dir, device, source):
-        if source == "procedural":
-            grid = datasets.render_dsprites()
-        else:
-            grid = datasets.load_dsprites(Path(data_dir) / datasets.DSPRITES_FILE)
-        self.grid = grid.to(device)
-        self.config = config
-
-    def plan_epoch(self, generator):
-        """Every grid point once as a start, shuffled, with a random factor: (n_batches, B, 6)."""
-        batches = [torch.cat([starts, factors[:, None]], dim=1) for starts, factors in
-                   datasets.dsprites_epoch(self.config["train_sequences"], self.config["batch_size"], generator)]
-        if not batches:
-            raise datasets.DataError(f"fewer sequences ({self.config['train_sequences']}) than one batch")
-        return torch.stack(batches)
-
-    def batch(self, rows, generator):
-        rows = rows.to(self.grid.device)
-        return datasets.dsprites_sequences(self.grid, rows[:, :5], rows[:, 5], self.config["n_transforms"])
-
-    def test_batches(self, batch_size):
-        generator = torch.Generator().manual_seed(self.config["seed"])
-        n = self.config["test_sequences"] or self.TEST_SEQUENCES   # in whole batches
-        for starts, factors in datasets.dsprites_epoch(n, min(batch_size, n), generator):
-            x, labels = datasets.dsprites_sequences(self.grid, starts.to(self.grid.device),
-                                                    factors.to(self.grid.device), self.config["n_transforms"])
-            yield x, labels, None
+TERMS = ("loss", "nll", "kl", "eq_error")     # what a training step measures, averaged per epoch
 
 
-def _whole_batches(order, batch_size):
-    """(n,) → (n // batch_size, batch_size): the last partial batch is dropped (SPEC §2.2)."""
-    n_batches = len(order) // batch_size
-    if n_batches == 0:
-        raise datasets.DataError(f"fewer sequences ({len(order)}) than one batch ({batch_size})")
-    return order[:n_batches * batch_size].view(n_batches, batch_size)
+def train_step(model, optimizer, x, config):
+    """One SGD step on the ELBO of a batch of sequences x (B, S, C, H, W); returns the terms and t.
+
+    The terms are read to the host once (one wait for the device) and checked
+    before the update, so a NaN never reaches the weights.
+    """
+    S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
+    out = model(x)                                                # per-image terms (N,), t (N, d)
+    loss = out["loss"].mean()                                     # tvae.py Eq. (ELBO), mean over images
+    with torch.no_grad():
+        eq = tvae.equivariance_error(out["t"], S, caps, D) if S > 1 else torch.zeros((), device=x.device)
+        kl = (out["kl_z"] + out["kl_u"]).mean()
+        values = dict(zip(TERMS, torch.stack([loss, out["nll"].mean(), kl, eq]).tolist()))
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteLoss(f"non-finite {', '.join(bad)} (values {values})")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return values, out["t"].detach()
 
 
-def load_data(config, data_dir, device, dsprites_source="file"):
-    if config["data"] == "mnist":
-        return MnistData(config, data_dir, device)
-    return DspritesData(config, data_dir, device, dsprites_source)
+def train(config, out_dir, data_dir=None, device="cpu", resume=False, overwrite=False, progress=None):
+    """Train one experiment for config['max_epochs'] epochs, writing its files into out_dir.
+
+    Every epoch: one pass over the training sequences, then a metrics line of
+    the epoch's averages; every eval_epochs epochs from epoch 0, and after the
+    last, an evaluation on the fixed test sequences with its pictures; then a
+    checkpoint. Ctrl-C or SIGTERM stops after the current step with a
+    checkpoint, and resume=True continues to the same result as an unbroken
+    run. Returns (the run's metrics records, whether a signal stopped it).
+    """
+    validate_config(config)
+    device = torch.device(device)
+    with RunFolder(out_dir, config, device, resume, overwrite) as run, StopOnSignal() as stop:
+        torch.manual_seed(config["seed"])
+        generator = torch.Generator().manual_seed(config["seed"])        # every random choice of the data
+        model = build_model(config).to(device)
+        optimizer = sgd(model.parameters(), config, device)
+        data = load_data(config, data_dir, device)
+        state = run.restore(model, optimizer, generator, device)        # epoch, batch, step, plan, sums
+        progress = progress or Progress()
+        while state["epoch"] < config["max_epochs"]:
+            epoch = state["epoch"]
+            if state["plan"] is None:       # a new epoch: every training sequence once, in a new order
+                state.update(plan=data.plan_epoch(generator), batch=0, sums=dict.fromkeys(TERMS, 0.0), offsets=[])
+            plan = state["plan"]                                         # (n_batches, B, k) what to draw
+            model.train()
+            progress.start_epoch(epoch, config["max_epochs"], len(plan), state["batch"])
+            for rows in plan[state["batch"]:]:
+                x, labels = data.batch(rows, generator)                  # (B, S, C, H, W), (B, S, ...)
+                try:
+                    values, t = train_step(model, optimizer, x, config)
+                except NonFiniteLoss as error:
+                    raise NonFiniteLoss(f"{error} at epoch {epoch + 1}, step {state['step'] + 1}; "
+                                        f"the last good checkpoint is {run.checkpoint_note()}") from None
+                if config["data"] == "dsprites":
+                    state["offsets"].append(tvae.capsule_offsets(t, labels, config["n_caps"], config["cap_dim"]))
+                state["sums"] = {name: state["sums"][name] + value for name, value in values.items()}
+                state["batch"] += 1
+                state["step"] += 1
+                progress.update(state["batch"] - 1, len(x), state["sums"]["loss"] / state["batch"])
+                if stop.requested:
+                    run.save(model, optimizer, generator, state)
+                    return run.records, True
+            progress.end_epoch()
+            run.log(epoch_record(state, config))
+            if epoch % config["eval_epochs"] == 0 or epoch == config["max_epochs"] - 1:
+                model.eval()
+                run.log({"epoch": epoch, "step": state["step"], **evaluate(model, data, config, run.folder, epoch)})
+            state.update(epoch=epoch + 1, plan=None)
+            run.save(model, optimizer, generator, state)
+            if stop.requested:
+                return run.records, True
+    return run.records, False
+
+
+def epoch_record(state, config):
+    """The metrics line of a finished epoch: averages of the training terms over its batches."""
+    record = {"epoch": state["epoch"], "step": state["step"],
+              **{f"train_{name}": total / len(state["plan"]) for name, total in state["sums"].items()}}
+    if config["n_transforms"] == 1:                                      # no sequences, no E_eq
+        del record["train_eq_error"]
+    if state["offsets"]:
+        record["capsule_correlation"] = _correlations(state["offsets"])
+    return record
+
+
+# ─── Evaluation ──────────────────────────────────────────────────────────────
+
+@torch.no_grad()
+def evaluate(model, data, config, out_dir, epoch):
+    """Test log p(x) (tvae.py Eq. (IS)) and E_eq (Eq. (EQ)) on the fixed test sequences, and the pictures.
+
+    Pictures: the capsule traversal of the first test sequence (Figures 1, 4, 6)
+    and prior samples; for the 2-D model, Figure 3 (write_figure3) and its
+    topography number (tvae.topographic_agreement). dSprites adds Table 2's
+    capsule correlations.
+    """
+    S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
+    n_sequences = log_likelihood = eq_error = 0.0
+    offsets, first_batch, images, codes, digit_classes = [], None, [], [], []
+    for x, labels, classes in data.test_batches(max(config["batch_size"], 32)):
+        out = model(x)
+        log_likelihood += model.log_likelihood(x, config["n_is_samples"]).sum().item()
+        n_sequences += len(x)
+        if S > 1:
+            eq_error += tvae.equivariance_error(out["t"], S, caps, D).item() * len(x)
+        if first_batch is None:
+            first_batch, first_labels = x, labels
+        if config["data"] == "dsprites":
+            offsets.append(tvae.capsule_offsets(out["t"], labels, caps, D))
+        if config["grouper"] == "map2d":        # kept for the Figure 3 pictures
+            images.append(x.flatten(0, 1).cpu())
+            codes.append(out["t"].cpu())
+            digit_classes.append(classes.cpu())
+    record = {"test_log_likelihood": log_likelihood / (n_sequences * S)}
+    if S > 1:
+        record["test_eq_error"] = eq_error / n_sequences
+        rows = [row for i in _traversal_examples(first_labels, config) for row in
+                model.capsule_traversal(first_batch[i], caps, D)]                  # 3 rows per example
+        write_png(out_dir / f"traversal_{epoch:03d}.png", image_grid(rows), _scale(config))
+        write_png(out_dir / f"samples_{epoch:03d}.png", image_grid(list(model.sample(4, S))), _scale(config))
+    if offsets:
+        record["test_capsule_correlation"] = _correlations(offsets)
+    if config["grouper"] == "map2d":
+        t, classes = torch.cat(codes), torch.cat(digit_classes)
+        labels = tvae.class_selectivity(t, classes)
+        share, shuffled = tvae.topographic_agreement(labels, tuple(config["map_shape"]),
+                                                     generator=torch.Generator().manual_seed(0))
+        finite = [None if math.isnan(value) else value for value in (share, shuffled)]   # no pairs: null
+        record["test_topography"] = {"selective_units": int((labels >= 0).sum()),
+                                     "same_class_neighbours": finite[0], "shuffled": finite[1],
+                                     "ratio": share / shuffled if None not in finite and shuffled else None}
+        write_figure3(model, first_batch, torch.cat(images), t, classes, labels,
+                      config["map_shape"], out_dir, epoch)
+    return record
+
+
+def _traversal_examples(labels, config):
+    """Which test sequences of the first batch get a traversal: one per transformation for MNIST 'single'."""
+    if config["test_kind"] != "single":
+        return [0]
+    kinds = labels["transform"].tolist()                        # 0 rotation, 1 scale, 2 hue
+    return [kinds.index(kind) for kind in (0, 1, 2) if kind in kinds]
+
+
+def _correlations(offsets):
+    """Per factor, the Pearson correlation of estimated and true capsule offsets (Table 2)."""
+    factor, estimate, truth = (torch.cat(part) for part in zip(*offsets))
+    correlations = {}
+    for f, name in {1: "scale", 2: "orientation", 3: "posX", 4: "posY"}.items():
+        r = tvae.pearson(estimate[factor == f], truth[factor == f]).item()
+        correlations[name] = r if math.isfinite(r) else None    # None: too few or constant offsets
+    return correlations
+
+
+def _scale(config):
+    """How much a picture is enlarged so that a frame is about 84 pixels high: 3× for MNIST."""
+    return max(1, 84 // image_shape(config)[1])
+
+
+def write_figure3(model, first_batch, images, t, classes, labels, map_shape, out_dir, epoch):
+    """The pictures of the 2-D model (Figure 3) from a pass over the test set.
+
+    images (n, C, H, W) and t (n, d) of the n test digits, classes (n,), labels (d,) each unit's class.
+    """
+    scale = 3                                                                # 28-pixel digits, enlarged
+    write_png(out_dir / f"samples_{epoch:03d}.png", image_grid(list(model.sample(100, 1)[:, 0].split(10))), scale)
+    most_active = images[t.abs().argmax(dim=0)]                              # (d, C, H, W)
+    write_png(out_dir / f"max_activation_{epoch:03d}.png", image_grid(list(most_active.split(map_shape[1]))), scale)
+    class_means = torch.stack([images[classes == c].mean(0).nan_to_num() for c in range(10)])  # (10, C, H, W)
+    write_png(out_dir / f"selectivity_{epoch:03d}.png",
+              selectivity_picture(labels, map_shape, class_means), scale)
+    digits = first_batch[:16]                                                # (16, 1, C, H, W)
+    reconstructions = model(digits)["probs"].view(digits.shape)
+    write_png(out_dir / f"reconstruction_{epoch:03d}.png", image_grid([digits[:, 0], reconstructions[:, 0]]), scale)
 
 
 # ─── Pictures: PNG files written with zlib alone ─────────────────────────────
 
-def write_png(path, image):
-    """Write image (C, H, W), C = 1 (grey) or 3 (RGB), values in [0, 1], as an 8-bit PNG."""
+def write_png(path, image, scale=1):
+    """Write image (C, H, W), C = 1 (grey) or 3 (RGB), values in [0, 1], as an 8-bit PNG, scale× enlarged."""
     pixels = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    pixels = pixels.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)      # nearest neighbour
     channels, height, width = pixels.shape
     rows = pixels.permute(1, 2, 0).reshape(height, width * channels)
     scanlines = torch.cat([torch.zeros(height, 1, dtype=torch.uint8), rows], dim=1)  # filter type 0 per row
@@ -222,7 +347,7 @@ CLASS_COLOURS = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [21
 
 
 def selectivity_picture(labels, map_shape, class_means):
-    """The class-selectivity map of Figure 3 as one RGB image (SPEC §1.7).
+    """The class-selectivity map of Figure 3 as one RGB image.
 
     labels (d,): the class each unit prefers, or −1 (black). Units are drawn as
     solid squares on the rows × cols map; under it, the legend row: the mean
@@ -275,251 +400,306 @@ class Progress:
 
 
 
-# ─── Training and evaluation (SPEC §1.5, §1.6, §3) ───────────────────────────
+# ─── Data: the same three calls for MNIST and dSprites ───────────────────────
+# An epoch is planned up front as a (n_batches, B, k) tensor of what to draw, so
+# a checkpoint can hold it and a resumed run continues mid-epoch exactly where
+# the interrupted one stopped. Sequences are generated batch by batch on the
+# training device (datasets.py); random choices come from one CPU generator.
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the run stops without touching the last good checkpoint."""
+class MnistData:
+    """MNIST digits on the device; their transformation sequences (datasets.py) made per batch."""
+
+    def __init__(self, config, data_dir, device):
+        split = datasets.mnist_train_test(data_dir, seed=config["seed"])
+        self.train_digits = split["train"][0].to(device)
+        self.test_digits, self.test_classes = (part.to(device) for part in split["test"])
+        self.config = config
+
+    def plan_epoch(self, generator):
+        """Each training digit once, shuffled: (n_batches, B, 1) digit indices."""
+        order = torch.randperm(len(self.train_digits), generator=generator)
+        return _whole_batches(order[:self.config["train_sequences"]], self.config["batch_size"])[..., None]
+
+    def batch(self, rows, generator):
+        """x (B, S, C, H, W) and labels for one row of the plan."""
+        digits = self.train_digits[rows[:, 0].to(self.train_digits.device)]
+        return datasets.mnist_sequences(digits, self.config["train_kind"],
+                                        image_shape(self.config)[0] == 3, generator)
+
+    def test_batches(self, batch_size):
+        """The fixed test sequences: the same for every evaluation of every run with this seed."""
+        generator = torch.Generator().manual_seed(self.config["seed"])
+        n = min(len(self.test_digits), self.config["test_sequences"] or len(self.test_digits))
+        for start in range(0, n, batch_size):
+            digits = self.test_digits[start:min(start + batch_size, n)]
+            x, labels = datasets.mnist_sequences(digits, self.config["test_kind"],
+                                                 image_shape(self.config)[0] == 3, generator)
+            yield x, labels, self.test_classes[start:start + len(digits)]
 
 
-class CheckpointError(RuntimeError):
-    """The checkpoint to resume from cannot be read."""
+class DspritesData:
+    """The dSprites sub-grid on the device (the real file or the procedural renderer)."""
+
+    TEST_SEQUENCES = 1024   # dSprites has no test split: a fixed set of sequences for evaluation
+
+    def __init__(self, config, data_dir, device):
+        if config["dsprites_source"] == "procedural":
+            grid = datasets.render_dsprites()
+        else:
+            grid = datasets.load_dsprites(Path(data_dir) / datasets.DSPRITES_FILE)
+        self.grid = grid.to(device)
+        self.config = config
+
+    def plan_epoch(self, generator):
+        """Every grid point once as a start, shuffled, with a random factor: (n_batches, B, 6)."""
+        batches = [torch.cat([starts, factors[:, None]], dim=1) for starts, factors in
+                   datasets.dsprites_epoch(self.config["train_sequences"], self.config["batch_size"], generator)]
+        if not batches:
+            raise datasets.DataError(f"fewer sequences ({self.config['train_sequences']}) than one batch")
+        return torch.stack(batches)
+
+    def batch(self, rows, generator):
+        rows = rows.to(self.grid.device)
+        return datasets.dsprites_sequences(self.grid, rows[:, :5], rows[:, 5], self.config["n_transforms"])
+
+    def test_batches(self, batch_size):
+        generator = torch.Generator().manual_seed(self.config["seed"])
+        n = self.config["test_sequences"] or self.TEST_SEQUENCES   # in whole batches
+        for starts, factors in datasets.dsprites_epoch(n, min(batch_size, n), generator):
+            x, labels = datasets.dsprites_sequences(self.grid, starts.to(self.grid.device),
+                                                    factors.to(self.grid.device), self.config["n_transforms"])
+            yield x, labels, None
 
 
-class Stop:
-    """Ctrl-C (SIGINT) asks the training loop to stop after the current step; a second one stops at once."""
+def _whole_batches(order, batch_size):
+    """(n,) → (n // batch_size, batch_size): the last partial batch is dropped ."""
+    n_batches = len(order) // batch_size
+    if n_batches == 0:
+        raise datasets.DataError(f"fewer sequences ({len(order)}) than one batch ({batch_size})")
+    return order[:n_batches * batch_size].view(n_batches, batch_size)
 
-    def __init__(self):
-        self.requested = False
+
+def load_data(config, data_dir, device):
+    """The experiment's data on the device: MnistData or DspritesData."""
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise datasets.DataError(f"--data-dir {data_dir} is a file; it must be a folder for the data files")
+    if config["data"] == "mnist":
+        return MnistData(config, data_dir, device)
+    return DspritesData(config, data_dir, device)
+
+
+
+
+# ─── The run folder: what a run writes, and the rules that keep it whole ──────
+
+class RunError(RuntimeError):
+    """A run cannot start or go on; str() is one line that says why and what to do."""
+
+
+class NonFiniteLoss(RunError):
+    """The loss became NaN or infinite; the run stops before the update, leaving the last checkpoint."""
+
+
+# Keys that --resume may change in a saved run: they apply from the resumed step on.
+# Everything else fixes the model, the data or the test set, and is refused.
+CHANGEABLE_ON_RESUME = ("max_epochs", "eval_epochs", "lr", "momentum", "n_is_samples", "test_sequences", "wandb_on")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt")
+
+
+class RunFolder:
+    """The files of one run in out_dir: config.json, metrics.jsonl, checkpoint.pt and the pictures.
+
+    Opening it (a `with` block) takes a lock file holding this process's id, so
+    that a second run into the same folder is refused; a lock left by a killed
+    process is noticed and replaced. A folder that holds a run is continued
+    only with resume=True (the checkpoint's config must be the same experiment,
+    changed at most in CHANGEABLE_ON_RESUME) and replaced only with overwrite=True.
+    """
+
+    def __init__(self, out_dir, config, device, resume=False, overwrite=False):
+        self.folder, self.config, self.device = Path(out_dir), config, str(device)
+        self.resume, self.overwrite = resume, overwrite
+        self.checkpoint_path, self.metrics_path = self.folder / "checkpoint.pt", self.folder / "metrics.jsonl"
+        self.lock_path = self.folder / ".lock"
+        self.records, self.checkpoint, self.wandb = [], None, None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunError(f"--out {self.folder}: cannot make that folder ({error.strerror})") from None
+        self._lock()
+        try:
+            self._open()
+        except BaseException:
+            self._unlock()
+            raise
         return self
 
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-        print("\nstopping after the current step (or evaluation) to save a checkpoint; "
-              "Ctrl-C again stops at once", file=sys.stderr)
-
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        self._unlock()
 
+    def _lock(self):
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = _read_pid(self.lock_path)
+                if pid is not None and _alive(pid):
+                    raise RunError(f"--out {self.folder} is in use by another run (process {pid}); "
+                                   f"wait for it to end, or choose another --out") from None
+                print(f"warning: removing the lock of process {pid}, which has ended", file=sys.stderr)
+                self.lock_path.unlink(missing_ok=True)
+                continue
+            except OSError as error:
+                raise RunError(f"--out {self.folder}: cannot write there ({error.strerror})") from None
+            with os.fdopen(descriptor, "w") as f:
+                f.write(str(os.getpid()))
+            return
+        raise RunError(f"--out {self.folder}: cannot take its lock file {self.lock_path}")
 
-def sgd(parameters, config, device):
-    """SGD with momentum (SPEC §1.5), with the fused kernel where torch has one (CPU, CUDA): faster here."""
-    return torch.optim.SGD(parameters, lr=config["lr"], momentum=config["momentum"],
-                           fused=device.type in ("cpu", "cuda"))
+    def _unlock(self):
+        if _read_pid(self.lock_path) == os.getpid():
+            self.lock_path.unlink(missing_ok=True)
 
+    def _open(self):
+        """Check the folder against resume/overwrite, read what a resumed run needs, write config.json."""
+        holds_run = any((self.folder / name).exists() for name in RUN_FILES)
+        if self.resume:
+            self.checkpoint = self._read_checkpoint()
+            self._check_changes(self.checkpoint["config"])
+            self.records = self._read_metrics(before_epoch=self.checkpoint["state"]["epoch"])
+        elif holds_run and not self.overwrite:
+            raise RunError(f"--out {self.folder} holds a run already: continue it with --resume, "
+                           f"or replace it with --overwrite")
+        elif holds_run:                                     # --overwrite: nothing of the old run stays
+            for path in [*(self.folder / name for name in RUN_FILES), *self.folder.glob("*.png")]:
+                path.unlink(missing_ok=True)
+        _write_atomically(self.folder / "config.json", json.dumps(self.config, indent=2) + "\n")
+        _write_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
+        if self.config["wandb_on"]:
+            self.wandb = _start_wandb(self.config, self.folder)
+        self.started = time.perf_counter()
+        self.wall_before = self.checkpoint["state"]["wall_s"] if self.checkpoint else 0.0
 
-def pick_device(name="auto"):
-    """CUDA, else Apple MPS, else the CPU; or the device named."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    def _read_checkpoint(self):
+        if not self.checkpoint_path.exists():
+            raise RunError(f"--resume: no checkpoint in {self.folder} (start without --resume)")
+        try:   # weights_only: a checkpoint is data; torch refuses to run code a crafted file asks for
+            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as error:          # whatever torch.load meets in a damaged or foreign file
+            first_line = (str(error).splitlines() or [""])[0][:200]
+            raise RunError(f"cannot read {self.checkpoint_path} ({type(error).__name__}: {first_line}); "
+                           f"start again with --overwrite, or into another --out") from None
 
+    def _check_changes(self, saved):
+        """Refuse a resume under another name or with changes that cannot apply to a saved run."""
+        if saved["name"] != self.config["name"]:
+            raise RunError(f"--resume: {self.folder} holds a run of {saved['name']}, not {self.config['name']}")
+        changed = {key: (saved.get(key), value) for key, value in self.config.items()
+                   if _as_json(saved.get(key)) != _as_json(value)}
+        fixed = sorted(set(changed) - set(CHANGEABLE_ON_RESUME))
+        if fixed:
+            old, new = changed[fixed[0]]
+            raise RunError(f"--resume: {fixed[0]} cannot change in a saved run (it ran with {json.dumps(old)}, "
+                           f"asked {json.dumps(new)}); start a new run with another --out")
+        self.changes = changed
 
-def _rng_states(generator, device):
-    states = {"torch": torch.get_rng_state(), "data": generator.get_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
+    def _read_metrics(self, before_epoch):
+        """The metrics lines of the epochs the checkpoint holds; a torn last line is dropped with a warning."""
+        if not self.metrics_path.exists():
+            return []
+        lines = self.metrics_path.read_text().splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise RunError(f"--resume: line {number} of {self.metrics_path} is not JSON; "
+                                   f"repair or delete that line") from None
+                print(f"warning: dropping the unfinished last line of {self.metrics_path}", file=sys.stderr)
+        return [r for r in records if r["epoch"] < before_epoch]
 
+    def restore(self, model, optimizer, generator, device):
+        """The run's state: fresh, or the checkpoint's (weights, optimizer, RNGs) with the allowed changes applied.
 
-def _set_rng_states(states, generator, device):
-    torch.set_rng_state(states["torch"])
-    generator.set_state(states["data"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
+        Prints the run's first line: the experiment, the device, and where it starts (with what changed).
+        """
+        where = f"{self.config['name']}: {self.config['paper']}; {self.device}; "
+        if self.checkpoint is None:
+            print(where + f"writing to {self.folder}", file=sys.stderr)
+            return {"epoch": 0, "batch": 0, "step": 0, "plan": None, "sums": None, "offsets": [], "wall_s": 0.0}
+        model.load_state_dict(self.checkpoint["model"])
+        optimizer.load_state_dict(self.checkpoint["optimizer"])
+        for group in optimizer.param_groups:      # what config.json says is what runs from here
+            group.update(lr=self.config["lr"], momentum=self.config["momentum"])
+        rng = self.checkpoint["rng"]
+        torch.set_rng_state(rng["torch"])
+        generator.set_state(rng["data"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        state = self.checkpoint["state"]
+        changes = "; ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in self.changes.items())
+        print(where + f"resuming {self.folder} at epoch {state['epoch'] + 1}, step {state['step']}"
+              + (f", with {changes}" if changes else ""), file=sys.stderr)
+        self.checkpoint = None                    # free the memory; the state lives on in the loop
+        return state
 
-
-def _save_atomically(obj, path):
-    """torch.save to a temporary name, then rename: a kill at any moment leaves the old or the new file."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def _correlations(offsets):
-    """Per factor, the Pearson correlation of estimated and true offsets (SPEC §1.6, Table 2)."""
-    factor, estimate, truth = (torch.cat(part) for part in zip(*offsets))
-    correlations = {}
-    for f, name in {1: "scale", 2: "orientation", 3: "posX", 4: "posY"}.items():
-        r = tvae.pearson(estimate[factor == f], truth[factor == f]).item()
-        correlations[name] = r if math.isfinite(r) else None    # None: too few or constant offsets
-    return correlations
-
-
-@torch.no_grad()
-def evaluate(model, data, config, out_dir, epoch):
-    """Test log-likelihood and E_eq on the fixed test sequences, and the pictures of SPEC §1.7."""
-    S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
-    n_sequences = log_likelihood = eq_error = 0.0
-    offsets, first_batch, images, codes, digit_classes = [], None, [], [], []
-    for x, labels, classes in data.test_batches(max(config["batch_size"], 32)):
-        out = model(x)
-        log_likelihood += model.log_likelihood(x, config["n_is_samples"]).sum().item()
-        n_sequences += len(x)
-        if S > 1:
-            eq_error += tvae.equivariance_error(out["t"], S, caps, D).item() * len(x)
-        if first_batch is None:
-            first_batch = x
-        if config["data"] == "dsprites":
-            offsets.append(tvae.capsule_offsets(out["t"], labels, caps, D))
-        if config["grouper"] == "map2d":        # kept for the Figure 3 pictures
-            images.append(x.flatten(0, 1).cpu())
-            codes.append(out["t"].cpu())
-            digit_classes.append(classes.cpu())
-    record = {"test_log_likelihood": log_likelihood / (n_sequences * S)}
-    if S > 1:
-        record["test_eq_error"] = eq_error / n_sequences
-        write_png(out_dir / f"traversal_{epoch:03d}.png",
-                  image_grid(list(model.capsule_traversal(first_batch[0], caps, D))))
-        write_png(out_dir / f"samples_{epoch:03d}.png", image_grid(list(model.sample(4, S))))  # 4 sequences
-    if offsets:
-        record["test_capsule_correlation"] = _correlations(offsets)
-    if config["grouper"] == "map2d":
-        t, classes = torch.cat(codes), torch.cat(digit_classes)
-        labels = tvae.class_selectivity(t, classes)
-        share, shuffled = tvae.topographic_agreement(labels, tuple(config["map_shape"]),
-                                                     generator=torch.Generator().manual_seed(0))
-        finite = [None if math.isnan(value) else value for value in (share, shuffled)]   # no pairs: null
-        record["test_topography"] = {"selective_units": int((labels >= 0).sum()),
-                                     "same_class_neighbours": finite[0], "shuffled": finite[1],
-                                     "ratio": share / shuffled if None not in finite and shuffled else None}
-        write_figure3(model, first_batch, torch.cat(images), t, classes, labels,
-                      config["map_shape"], out_dir, epoch)
-    return record
-
-
-def write_figure3(model, first_batch, images, t, classes, labels, map_shape, out_dir, epoch):
-    """The pictures of the 2-D model (Figure 3, SPEC §1.7) from a pass over the test set.
-
-    images (n, C, H, W) and t (n, d) of the n test digits, classes (n,), labels (d,) each unit's class.
-    """
-    write_png(out_dir / f"samples_{epoch:03d}.png", image_grid(list(model.sample(100, 1)[:, 0].split(10))))
-    most_active = images[t.abs().argmax(dim=0)]                              # (d, C, H, W)
-    write_png(out_dir / f"max_activation_{epoch:03d}.png", image_grid(list(most_active.split(map_shape[1]))))
-    class_means = torch.stack([images[classes == c].mean(0).nan_to_num() for c in range(10)])  # (10, C, H, W)
-    write_png(out_dir / f"selectivity_{epoch:03d}.png",
-              selectivity_picture(labels, map_shape, class_means))
-    digits = first_batch[:16]                                                # (16, 1, C, H, W)
-    reconstructions = model(digits)["probs"].view(digits.shape)
-    write_png(out_dir / f"reconstruction_{epoch:03d}.png", image_grid([digits[:, 0], reconstructions[:, 0]]))
-
-
-def train(config, out_dir, data_dir=None, device="cpu", resume=False, dsprites_source="file", progress=None):
-    """Train one experiment to config['max_epochs'] epochs, writing its files into out_dir.
-
-    Every epoch: the averages of loss, −log p(x|t), KL and E_eq over the
-    training batches; every eval_epochs epochs from epoch 0, and after the last:
-    the test metrics and pictures (evaluate). Each epoch ends with an atomic
-    checkpoint; Ctrl-C writes one after the current step. With resume=True the
-    run continues from out_dir/checkpoint.pt to the same result as if it had not
-    stopped. Returns (the run's metrics records, whether Ctrl-C stopped it).
-    """
-    out_dir, device = Path(out_dir), torch.device(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
-    torch.manual_seed(config["seed"])
-    generator = torch.Generator().manual_seed(config["seed"])
-    model = build_model(config).to(device)
-    optimizer = sgd(model.parameters(), config, device)
-    data = load_data(config, data_dir, device, dsprites_source)
-    # Where the run stands: the epoch, the next batch of its plan, and the running sums of its metrics.
-    state = {"epoch": 0, "batch": 0, "step": 0, "plan": None, "sums": None, "offsets": []}
-    records = []
-    if resume:
-        try:
-            checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        except Exception as error:          # whatever torch.load meets in a damaged file
-            raise CheckpointError(f"cannot read {checkpoint_path} ({type(error).__name__}: {error}); "
-                                  f"start again without --resume, or into another --out") from None
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["state"]
-        _set_rng_states(checkpoint["rng"], generator, device)
-        if metrics_path.exists():   # drop lines of epochs the checkpoint does not hold (a kill in between)
-            records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-            records = [r for r in records if r["epoch"] < state["epoch"]]
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    wandb = _start_wandb(config, out_dir) if config["wandb_on"] else None
-
-    started, wall_before = time.perf_counter(), state.get("wall_s", 0.0)
-
-    def wall_s():
+    def wall_s(self):
         """Seconds this run has trained and evaluated, over all its resumptions."""
-        return round(wall_before + time.perf_counter() - started, 1)
+        return round(self.wall_before + time.perf_counter() - self.started, 1)
 
-    def log(record):
-        record.update(wall_s=wall_s(), device=str(device))
-        records.append(record)
-        with metrics_path.open("a") as f:
+    def log(self, record):
+        """Append one metrics line (with the wall-clock time and the device) to metrics.jsonl."""
+        record.update(wall_s=self.wall_s(), device=self.device)
+        self.records.append(record)
+        with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if wandb is not None:
-            wandb.log(record, step=record["step"])
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
 
-    def save():
-        state["wall_s"] = wall_s()
-        _save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                          "rng": _rng_states(generator, device), "config": config}, checkpoint_path)
+    def save(self, model, optimizer, generator, state):
+        """Write checkpoint.pt atomically: a kill at any moment leaves the old or the new one."""
+        state["wall_s"] = self.wall_s()
+        rng = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+        if self.device.startswith("cuda"):
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        temporary = self.checkpoint_path.with_name("checkpoint.pt.tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                    "rng": rng, "config": self.config}, temporary)
+        os.replace(temporary, self.checkpoint_path)
 
-    S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
-    terms = ("loss", "nll", "kl", "eq_error")
-    progress = progress or Progress()
-    with Stop() as stop:
-        while state["epoch"] < config["max_epochs"]:
-            epoch = state["epoch"]
-            if state["plan"] is None:
-                state.update(plan=data.plan_epoch(generator), batch=0, sums=[0.0] * 4, offsets=[])
-            plan = state["plan"]
-            model.train()
-            progress.start_epoch(epoch, config["max_epochs"], len(plan), state["batch"])
-            while state["batch"] < len(plan):
-                x, labels = data.batch(plan[state["batch"]], generator)
-                out = model(x)
-                loss = out["loss"].mean()
-                with torch.no_grad():
-                    eq = tvae.equivariance_error(out["t"], S, caps, D) if S > 1 else torch.zeros(())
-                    values = torch.stack([loss, out["nll"].mean(), (out["kl_z"] + out["kl_u"]).mean(), eq]).tolist()
-                bad = [name for name, value in zip(terms, values) if not math.isfinite(value)]
-                if bad:
-                    raise NonFiniteLoss(f"non-finite {', '.join(bad)} at epoch {epoch}, step {state['step'] + 1} "
-                                        f"(values {dict(zip(terms, values))}); the last good checkpoint is "
-                                        f"{checkpoint_path if checkpoint_path.exists() else 'not written yet'}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if config["data"] == "dsprites":
-                    state["offsets"].append(tvae.capsule_offsets(out["t"].detach(), labels, caps, D))
-                state["sums"] = [s + v for s, v in zip(state["sums"], values)]
-                state["batch"] += 1
-                state["step"] += 1
-                progress.update(state["batch"] - 1, len(x), state["sums"][0] / state["batch"])
-                if stop.requested:
-                    save()
-                    progress.end_epoch()
-                    return records, True
-            progress.end_epoch()
-            record = {"epoch": epoch, "step": state["step"],
-                      **{f"train_{name}": s / len(plan) for name, s in zip(terms, state["sums"])}}
-            if S == 1:
-                del record["train_eq_error"]
-            if state["offsets"]:
-                record["capsule_correlation"] = _correlations(state["offsets"])
-            log(record)
-            if epoch % config["eval_epochs"] == 0 or epoch == config["max_epochs"] - 1:
-                model.eval()
-                log({"epoch": epoch, "step": state["step"], **evaluate(model, data, config, out_dir, epoch)})
-            state.update(epoch=epoch + 1, plan=None)
-            save()
-            if stop.requested:
-                return records, True
-    return records, False
+    def checkpoint_note(self):
+        return str(self.checkpoint_path) if self.checkpoint_path.exists() else "not written yet"
+
+
+def _read_pid(path):
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:           # it exists, and belongs to someone else
+        return True
+    return True
+
+
+def _as_json(value):
+    """A value as config.json stores it (tuples become lists), for comparing configs."""
+    return json.loads(json.dumps(value))
+
+
+def _write_atomically(path, text):
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def _start_wandb(config, out_dir):
@@ -527,10 +707,115 @@ def _start_wandb(config, out_dir):
     try:
         import wandb
     except ImportError:
-        raise SystemExit("error: this config sets wandb_on, but wandb is not installed "
-                         "(pip install wandb, or --set wandb_on=false)")
+        raise RunError("this config sets wandb_on, but wandb is not installed "
+                       "(pip install wandb, or --set wandb_on=false)") from None
     wandb.init(project="topographic-vae", name=config["name"], config=config, dir=str(out_dir))
     return wandb
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step; a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def _handle(self, number, frame):
+        self.requested = True
+        self._restore()
+        print(f"\n{signal.Signals(number).name}: stopping after the current step (or evaluation) to save "
+              f"a checkpoint; a second one stops at once", file=sys.stderr)
+
+    def _restore(self):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def __exit__(self, *exc):
+        self._restore()
+
+
+# ─── Checking a config before anything runs ──────────────────────────────────
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_POSITIVE_INT = (lambda v: _is_int(v) and v > 0, "a positive integer")
+_RULES = {
+    "batch_size": _POSITIVE_INT, "max_epochs": _POSITIVE_INT, "eval_epochs": _POSITIVE_INT,
+    "n_is_samples": _POSITIVE_INT, "n_caps": _POSITIVE_INT, "cap_dim": _POSITIVE_INT,
+    "n_transforms": _POSITIVE_INT,
+    "seed": (_is_int, "an integer"),
+    "train_sequences": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null (all)"),
+    "test_sequences": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null (all)"),
+    "lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "eps": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "mu_init": (lambda v: v is None or _is_number(v), "a number"),
+    "n_off_diag": (lambda v: v is None or (_is_int(v) and v >= 0), "a non-negative integer"),
+    "wandb_on": (lambda v: isinstance(v, bool), "true or false"),
+    "data": (lambda v: v in ("mnist", "dsprites"), "mnist or dsprites"),
+    "grouper": (lambda v: v in ("shifting", "stationary", "map2d", "none"), "shifting, stationary, map2d or none"),
+    "dsprites_source": (lambda v: v in ("file", "procedural"), "file or procedural"),
+}
+
+
+class ConfigError(RunError):
+    """A config value that no run can use (exit status 2, like a bad option)."""
+
+
+def validate_config(config):
+    """Raise ConfigError naming the first bad key, its value and what is allowed; else return None."""
+    def bad(key, allowed):
+        raise ConfigError(f"config key {key}={json.dumps(config.get(key))}: must be {allowed}")
+
+    name = config.get("name")
+    if name not in EXPERIMENTS:
+        bad("name", "the name of an experiment (--list shows them)")
+    missing = sorted(EXPERIMENTS[name].keys() - config.keys())
+    if missing:
+        raise ConfigError(f"the config of {name} lacks the key(s) {', '.join(missing)}")
+    for key, (ok, allowed) in _RULES.items():
+        if key in config and not ok(config[key]):
+            bad(key, allowed)
+    kinds = datasets.SEQUENCE_KINDS if config["data"] == "mnist" else ("dsprites",)
+    for key in ("train_kind", "test_kind"):
+        if config[key] not in kinds:
+            bad(key, " or ".join(kinds))
+    S, frames = config["n_transforms"], config["train_kind"]
+    if config["data"] == "mnist" and S != (1 if frames == "none" else datasets.N_FRAMES_MNIST):
+        bad("n_transforms", f"{1 if frames == 'none' else datasets.N_FRAMES_MNIST}, the frames of a {frames} sequence")
+    if config["data"] == "dsprites" and S < 2:
+        bad("n_transforms", "at least 2 for dSprites sequences")
+    if config["train_sequences"] is not None and config["train_sequences"] < config["batch_size"]:
+        bad("train_sequences", f"at least one batch ({config['batch_size']})")
+    if config["grouper"] == "none":
+        return
+    kernel = config["group_kernel"]
+    if not (isinstance(kernel, (list, tuple)) and len(kernel) == 2 and all(_is_int(k) and k > 0 for k in kernel)):
+        bad("group_kernel", "two positive integers (frames, units)")
+    if config["grouper"] == "map2d":
+        shape = config["map_shape"]
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(_is_int(k) and k > 0 for k in shape)
+                and config["n_caps"] == 1 and math.prod(shape) == config["cap_dim"]):
+            bad("map_shape", f"two positive integers whose product is cap_dim ({config['cap_dim']}), with n_caps 1")
+        torus, keys = shape, ("map_shape", "map_shape")
+    else:
+        torus, keys = (S, config["cap_dim"]), ("n_transforms", "cap_dim")
+    for k, size, key in zip(kernel, torus, keys):
+        if k > size:
+            bad(key, f"at least the kernel's {k} (group_kernel {json.dumps(list(kernel))})")
+    if config["grouper"] == "shifting" and config["n_off_diag"] is None:
+        bad("n_off_diag", "a non-negative integer for shifting capsules")
+    if not _is_number(config["mu_init"]):
+        bad("mu_init", "a number for a topographic model")
 
 
 # ─── Benchmark: where a training step's time goes ────────────────────────────
@@ -538,32 +823,26 @@ def _start_wandb(config, out_dir):
 def benchmark(name, data_dir=None, device="cpu", dsprites_source="file", repeats=7, steps=10):
     """Print the median time of a training step and the shares of its parts, measured in one run.
 
-    A step is what train() does per batch: make the batch of sequences, forward,
-    E_eq, backward, SGD. The data, the grouper (forward + backward) with E_eq,
+    A step is what train() does per batch: make the batch of sequences, then
+    train_step (forward, E_eq, the terms read to the host, backward, SGD). The data, the grouper (forward + backward) with E_eq,
     and a plain MLP of the same layers are timed alone in the same run, so
     their shares are ratios that survive a noisy machine.
     """
-    config = EXPERIMENTS[name]
+    config = dict(EXPERIMENTS[name], dsprites_source=dsprites_source) if name.endswith("dsprites") else EXPERIMENTS[name]
     device = torch.device(device)
     torch.manual_seed(0)
     model = build_model(config).to(device)
     optimizer = sgd(model.parameters(), config, device)
     S, caps, D, B = config["n_transforms"], config["n_caps"], config["cap_dim"], config["batch_size"]
     generator = torch.Generator().manual_seed(0)
-    data = load_data(config, data_dir, device, dsprites_source)
+    data = load_data(config, data_dir, device)
     rows = data.plan_epoch(generator)[0]
 
     def make_batch():
         return data.batch(rows, generator)[0]
 
     def step():
-        out = model(make_batch())
-        loss = out["loss"].mean()
-        eq = tvae.equivariance_error(out["t"].detach(), S, caps, D)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        torch.stack([loss.detach(), eq]).tolist()
+        train_step(model, optimizer, make_batch(), config)
 
     z = torch.randn(B * S, caps * D, device=device, requires_grad=True)
     u = torch.randn(B * S, caps * D, device=device, requires_grad=True)
@@ -619,6 +898,104 @@ def benchmark(name, data_dir=None, device="cpu", dsprites_source="file", repeats
           f"= {B / mlp_ms * 1e3:7.1f} sequences/s; the TVAE step takes {step_ms / mlp_ms:.2f}x as long")
 
 
+
+
+# ─── Report: the paper's tables from finished runs ───────────────────────────
+
+def read_run(folder):
+    """(config, metrics records) of a run folder; RunError when either file is missing or unreadable."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, json.JSONDecodeError) as error:
+        raise RunError(f"--report: {folder} is not a readable run folder ({error})") from None
+    return config, records
+
+
+def _number(value, digits=1):
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _correlation_cells(record, key):
+    values = (record or {}).get(key) or {}
+    return [_number(values.get(factor), 2) for factor in ("scale", "orientation", "posX", "posY")]
+
+
+def report(folders):
+    """Markdown: one table per paper table (Table 1, Table 2, Figure 3) and the evaluations of each run.
+
+    Reads only config.json and metrics.jsonl. log p(x) is ours (with − log K,
+    tvae.py Eq. (IS)); the paper's convention adds log K back.
+    """
+    runs = [(Path(folder), *read_run(folder)) for folder in folders]
+    lines = []
+
+    def table(title, header, rows):
+        if rows:
+            lines.extend([f"### {title}", "", "| " + " | ".join(header) + " |",
+                          "|" + "---|" * len(header), *("| " + " | ".join(row) + " |" for row in rows), ""])
+
+    def evaluations(records):
+        return [r for r in records if "test_log_likelihood" in r]
+
+    def common(folder, config, records, last):
+        epochs = max((r["epoch"] for r in records), default=-1) + 1
+        return [f"`{config['name']}`", str(epochs), f"{last['step']:,}"], [
+            f"{last['wall_s'] / 3600:.2f}" if "wall_s" in last else "–", last.get("device", "–")]
+
+    mnist, dsprites = [], []
+    for folder, config, records in runs:
+        tested = evaluations(records)
+        if not tested or config["n_transforms"] == 1:
+            continue
+        first, last = tested[0], tested[-1]
+        head, tail = common(folder, config, records, last)
+        log_k = math.log(config["n_is_samples"])
+        if config["data"] == "mnist":
+            mnist.append(head + [config["test_kind"], f"{len(tested)}", _number(last.get("test_eq_error"), 0),
+                                 _number(last["test_log_likelihood"]),
+                                 _number(last["test_log_likelihood"] + log_k)] + tail)
+        else:
+            train_lines = [r for r in records if "capsule_correlation" in r]
+            dsprites.append(head + [config["dsprites_source"],
+                                    f"{_number(first.get('test_eq_error'), 0)} → {_number(last.get('test_eq_error'), 0)}",
+                                    _number(last["test_log_likelihood"])]
+                            + [f"{a} → {b}" for a, b in zip(_correlation_cells(first, "test_capsule_correlation"),
+                                                            _correlation_cells(last, "test_capsule_correlation"))]
+                            + _correlation_cells(train_lines[-1] if train_lines else None, "capsule_correlation")
+                            + tail)
+    table("Table 1: MNIST sequences", ["experiment", "epochs", "steps", "test sequences", "evaluations",
+                                       "test E_eq", "test log p(x)", "paper's convention (+log K)",
+                                       "hours", "device"], mnist)
+    table("Table 2: dSprites sequences (first evaluation → last)",
+          ["experiment", "epochs", "steps", "sprites", "test E_eq", "test log p(x)",
+           "test corr. scale", "orientation", "posX", "posY",
+           "train corr. scale (last epoch)", "orientation", "posX", "posY", "hours", "device"], dsprites)
+    for folder, config, records in runs:
+        tested = evaluations(records)
+        if config["grouper"] == "map2d" and tested:
+            rows = [[str(r["epoch"]), f"{r['step']:,}", _number(r["test_log_likelihood"]),
+                     str(r["test_topography"]["selective_units"]),
+                     _number(r["test_topography"]["same_class_neighbours"], 3),
+                     _number(r["test_topography"]["shuffled"], 3), _number(r["test_topography"]["ratio"], 2),
+                     f"{r['wall_s'] / 3600:.2f}"] for r in tested if "test_topography" in r]
+            table(f"Figure 3: `{config['name']}` in {folder}, topography over epochs",
+                  ["epoch", "steps", "test log p(x)", "selective units", "same-class neighbours",
+                   "shuffled positions", "ratio", "hours"], rows)
+        elif len(tested) > 2:
+            rows = [[str(r["epoch"]), f"{r['step']:,}", _number(r["test_log_likelihood"]),
+                     _number(r.get("test_eq_error"), 0), f"{r['wall_s'] / 3600:.2f}"] for r in tested]
+            table(f"`{config['name']}` in {folder}, evaluations over epochs",
+                  ["epoch", "steps", "test log p(x)", "test E_eq", "hours"], rows)
+    lines += ["### Last evaluation of each run", ""]
+    for folder, config, records in runs:
+        tested = evaluations(records)
+        lines.append(f"- `{folder}` ({config['name']}): " + (f"`{json.dumps(tested[-1])}`" if tested else "none yet"))
+    return "\n".join(lines)
+
+
 # ─── Command line ────────────────────────────────────────────────────────────
 
 def _positive_int(text):
@@ -660,9 +1037,14 @@ def parse_args(argv):
                     "(Keller & Welling, NeurIPS 2021). Writes config.json, metrics.jsonl, "
                     "checkpoint.pt and PNG pictures into --out.",
         epilog="experiments: " + ", ".join(EXPERIMENTS) + ". Example: python experiments.py "
-               "tvae_Lhalf_mnist --train-sequences 64 --epochs 2 --data-dir ../shared/data/mnist")
+               "tvae_Lhalf_mnist --train-sequences 64 --epochs 2 --data-dir ~/data/mnist")
     parser.add_argument("name", nargs="?", help="the experiment to run (see --list)")
     parser.add_argument("--list", action="store_true", help="list every experiment with the figure or table it reproduces")
+    parser.add_argument("--show", action="store_true",
+                        help="print NAME's whole config (the registry's, with this command line's changes) and exit")
+    parser.add_argument("--report", nargs="+", type=Path, metavar="DIR",
+                        help="print Markdown tables (Table 1, Table 2, Figure 3, evaluations over epochs) "
+                             "from the config.json and metrics.jsonl of these run folders")
     parser.add_argument("--benchmark", action="store_true",
                         help="time a training step of NAME (default tvae_Lhalf_mnist) and the shares of its parts")
     parser.add_argument("--epochs", type=_positive_int,
@@ -682,9 +1064,14 @@ def parse_args(argv):
                         help="folder holding the MNIST .gz files or the dSprites .npz, or where they are "
                              "downloaded (default: $TVAE_DATA_DIR, else ./data)")
     parser.add_argument("--out", type=Path, help="output folder (default: runs/NAME)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    parser.add_argument("--dsprites", choices=("file", "procedural"), default="file",
-                        help="dSprites images from the published .npz (default) or drawn by the procedural renderer")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint; only max_epochs, eval_epochs, lr, "
+                             "momentum, n_is_samples, test_sequences and wandb_on may change")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run that --out holds (its metrics, checkpoint and pictures are deleted)")
+    parser.add_argument("--dsprites", choices=("file", "procedural"),
+                        help="dSprites images from the published .npz (the default) or drawn by the "
+                             "procedural renderer (dsprites_source); a resumed run keeps its own")
     return parser, parser.parse_args(argv)
 
 
@@ -716,20 +1103,21 @@ def resolve_config(name, args, parser):
     config = copy.deepcopy(EXPERIMENTS[name])
     if args.resume:
         saved = args.out / "config.json"
-        if not (args.out / "checkpoint.pt").exists() or not saved.exists():
-            parser.error(f"--resume: no checkpoint in {args.out} (run without --resume to start)")
         try:
             config = json.loads(saved.read_text())
-        except json.JSONDecodeError as error:
-            parser.error(f"--resume: {saved} is not valid JSON ({error})")
-        if not isinstance(config, dict) or config.keys() != EXPERIMENTS[name].keys():
-            parser.error(f"--resume: {saved} does not hold a config of {name}")
+        except (OSError, json.JSONDecodeError) as error:
+            raise RunError(f"--resume: cannot read {saved} ({error})") from None
+        if not isinstance(config, dict) or config.get("name") != name:
+            held = config.get("name") if isinstance(config, dict) else None
+            raise RunError(f"--resume: {args.out} holds a run of {held}, not {name}")
     overrides = dict(args.set)
     for key, value in [("max_epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
                        ("seed", args.seed), ("train_sequences", args.train_sequences),
-                       ("test_sequences", args.test_sequences)]:
+                       ("test_sequences", args.test_sequences), ("dsprites_source", args.dsprites)]:
         if value is not None:
             overrides[key] = value
+    if config["data"] != "dsprites":
+        overrides.pop("dsprites_source", None)          # --dsprites means nothing to MNIST
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         parser.error(f"unknown config key(s) {', '.join(unknown)}; the keys are: {', '.join(sorted(config))}")
@@ -738,8 +1126,6 @@ def resolve_config(name, args, parser):
         if old is not None and value is not None and not _same_kind(old, value):
             parser.error(f"--set {key}={json.dumps(value)}: expected a value like {json.dumps(old)}")
     config.update(overrides)
-    if config["train_sequences"] is not None and config["train_sequences"] < config["batch_size"]:
-        parser.error(f"--train-sequences {config['train_sequences']} is less than one batch ({config['batch_size']})")
     return config
 
 
@@ -750,8 +1136,6 @@ def _resume_command(name, args):
         words += ["--data-dir", str(args.data_dir)]
     if args.device != "auto":
         words += ["--device", args.device]
-    if args.dsprites != "file":
-        words += ["--dsprites", args.dsprites]
     return " ".join(words)
 
 
@@ -762,30 +1146,30 @@ def main(argv=None):
             print(f"{name:36s} {config['paper']}")
         return 0
     try:
+        if args.report:
+            print(report(args.report))
+            return 0
+        if args.show:
+            name = resolve_name(args.name or parser.error("--show: name the experiment to show"))
+            args.resume, args.out = False, None
+            print(json.dumps(resolve_config(name, args, parser), indent=2))
+            return 0
         device = pick_device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("CUDA is not available on this machine")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError("MPS is not available on this machine")
-    except RuntimeError as error:
-        parser.error(f"--device {args.device}: {error}")
-    if args.benchmark:
-        try:
-            benchmark(resolve_name(args.name or "tvae_Lhalf_mnist"), args.data_dir, device, args.dsprites)
-        except datasets.DataError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        return 0
-    if args.name is None:
-        parser.error("name the experiment to run (--list shows them)")
-    name = resolve_name(args.name)
-    args.out = args.out or Path("runs") / name
-    config = resolve_config(name, args, parser)
-    data_dir = args.data_dir or datasets.default_data_dir()
-    print(f"{name}: {config['paper']}; {device}; writing to {args.out}", file=sys.stderr)
-    try:
-        records, interrupted = train(config, args.out, data_dir, device, args.resume, args.dsprites)
-    except (datasets.DataError, NonFiniteLoss, CheckpointError) as error:
+        if args.benchmark:
+            benchmark(resolve_name(args.name or "tvae_Lhalf_mnist"), args.data_dir, device, args.dsprites or "file")
+            return 0
+        if args.name is None:
+            parser.error("name the experiment to run (--list shows them)")
+        name = resolve_name(args.name)
+        args.out = args.out or Path("runs") / name
+        config = resolve_config(name, args, parser)
+        validate_config(config)
+        records, interrupted = train(config, args.out, args.data_dir or datasets.default_data_dir(), device,
+                                     args.resume, args.overwrite)
+    except ConfigError as error:
+        print(f"error: {error} (python experiments.py --show NAME prints a whole config)", file=sys.stderr)
+        return 2
+    except (datasets.DataError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -800,6 +1184,23 @@ def main(argv=None):
         return 130
     print(f"done: {json.dumps(records[-1])}", file=sys.stderr)
     return 0
+
+
+def pick_device(name="auto"):
+    """CUDA, else Apple MPS, else the CPU; or the device named, if this machine has it."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"--device {name}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available on this machine")
+    return device
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import pathlib
 import pickle
 import signal
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
 
@@ -706,7 +708,9 @@ def quick_config(name, **overrides):
 def test_every_experiment_runs_one_short_epoch_end_to_end(name, tmp_path, mnist_dir, rendered, monkeypatch):
     monkeypatch.setattr(datasets, "render_dsprites", lambda: rendered)
     config = quick_config(name, test_sequences=12 if name == "tvae_2d_mnist" else 2)
-    records, interrupted = experiments.train(config, tmp_path, mnist_dir, "cpu", dsprites_source="procedural")
+    if config["data"] == "dsprites":
+        config["dsprites_source"] = "procedural"
+    records, interrupted = experiments.train(config, tmp_path, mnist_dir, "cpu")
     assert not interrupted
     saved = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert saved == records and all({"epoch", "step"} <= r.keys() for r in saved)
@@ -726,31 +730,165 @@ def test_every_experiment_runs_one_short_epoch_end_to_end(name, tmp_path, mnist_
 
 
 class InterruptAt(experiments.Progress):
-    """A progress display that presses Ctrl-C (sends SIGINT) after a given step."""
+    """A progress display that sends this process a signal (Ctrl-C's SIGINT by default) after a given step."""
 
-    def __init__(self, step):
+    def __init__(self, step, signal_number=signal.SIGINT):
         super().__init__(io.StringIO())
-        self.step, self.steps = step, 0
+        self.step, self.steps, self.signal_number = step, 0, signal_number
 
     def update(self, batch, sequences, running_loss):
         self.steps += 1
         if self.steps == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.signal_number)
 
 
-def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, mnist_dir):
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(signal_number, tmp_path, mnist_dir):
     config = quick_config("tvae_Lshort_mnist", max_epochs=2, train_sequences=12, eval_epochs=1)
     whole, _ = experiments.train(config, tmp_path / "whole", mnist_dir, progress=InterruptAt(None))
-    _, interrupted = experiments.train(config, tmp_path / "parts", mnist_dir, progress=InterruptAt(2))
+    _, interrupted = experiments.train(config, tmp_path / "parts", mnist_dir,
+                                       progress=InterruptAt(2, signal_number))
     assert interrupted                                   # stopped mid-epoch 0, after step 2 of 3
     resumed, interrupted = experiments.train(config, tmp_path / "parts", mnist_dir, resume=True,
                                              progress=InterruptAt(None))
+
     def measured(records):                               # all but the wall-clock time
         return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
     assert not interrupted and measured(resumed) == measured(whole)
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+# ─── The run folder survives ordinary mistakes ───────────────────────────────
+
+def run_cli(capsys, mnist_dir, out, *options, name="tvae_Lshort_mnist"):
+    """experiments.main on a tiny run (one batch of 4 sequences, 2 test sequences): (exit status, stderr lines)."""
+    status = experiments.main([name, "--data-dir", str(mnist_dir), "--out", str(out), "--device", "cpu",
+                               "--train-sequences", "4", "--batch-size", "4", "--test-sequences", "2",
+                               "--set", "n_is_samples=1", "--epochs", "1", *options])
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_second_run_into_a_folder_that_holds_a_run_is_refused_naming_both_choices(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
+    before = (tmp_path / "metrics.jsonl").read_text()
+    status, err = run_cli(capsys, mnist_dir, tmp_path)
+    assert status == 1 and len(err) == 1 and "--resume" in err[0] and "--overwrite" in err[0]
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_overwrite_replaces_the_old_run_leaving_nothing_of_it(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "2", "--set", "eval_epochs=1")[0] == 0
+    assert (tmp_path / "traversal_001.png").exists()
+    assert run_cli(capsys, mnist_dir, tmp_path, "--overwrite")[0] == 0
+    assert not (tmp_path / "traversal_001.png").exists()
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 0]
+
+
+def test_resume_under_another_experiment_name_is_refused(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
+    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2", name="tvae_Lhalf_mnist")
+    assert status == 1 and len(err) == 1 and "tvae_Lshort_mnist" in err[0]
+
+
+def test_resume_with_a_new_learning_rate_applies_it_and_says_so(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
+    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2", "--lr", "0.003")
+    assert status == 0 and "lr 0.0001 -> 0.003" in err[0]
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == 0.003
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.003
+
+
+@pytest.mark.parametrize("change", [["--seed", "5"], ["--set", "cap_dim=9"], ["--train-sequences", "8"]])
+def test_resume_refuses_changes_to_the_model_the_seed_or_the_data(change, tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
+    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2", *change)
+    assert status in (1, 2) and len(err) == 1 and change[-1].split("=")[0].lstrip("-").replace("-", "_") in err[0]
+
+
+def test_an_edited_config_json_is_checked_on_resume(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, momentum="fast")))
+    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2")
+    assert status == 2 and len(err) == 1 and "momentum" in err[0]
+
+
+def test_a_folder_locked_by_a_live_run_is_refused_and_a_stale_lock_is_replaced(tmp_path, mnist_dir, capsys):
+    tmp_path.joinpath(".lock").write_text(str(os.getppid()))          # a live process: pytest's parent
+    status, err = run_cli(capsys, mnist_dir, tmp_path)
+    assert status == 1 and len(err) == 1 and "in use" in err[0]
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tmp_path.joinpath(".lock").write_text(finished.stdout.strip())    # a process that has ended
+    status, err = run_cli(capsys, mnist_dir, tmp_path)
+    assert status == 0 and any("lock" in line for line in err) and not (tmp_path / ".lock").exists()
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 1, "st')                                     # a write cut short
+    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2")
+    assert status == 0 and any("unfinished last line" in line for line in err)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 0, 1, 1]
+
+
+def test_a_checkpoint_is_loaded_as_data_and_never_runs_code(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
+    trap = tmp_path / "code_ran"
+    torch.save({"model": TouchOnUnpickle(trap)}, tmp_path / "checkpoint.pt")
+    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2")
+    assert status == 1 and len(err) == 1 and "cannot read" in err[0] and not trap.exists()
+
+
+BAD_VALUES = [["--set", "eval_epochs=0"], ["--set", "n_is_samples=0"], ["--set", "batch_size=-2"],
+              ["--set", "max_epochs=0"], ["--set", "test_sequences=-5"], ["--set", "lr=-1"],
+              ["--set", "cap_dim=4"], ["--set", "n_transforms=4"], ["--set", "momentum=1.5"]]
+
+
+@pytest.mark.parametrize("option", BAD_VALUES)
+def test_a_bad_config_value_is_one_line_naming_it_before_any_data_is_read(option, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "MNIST_MIRRORS", ["http://127.0.0.1:9/"])      # reading data would fail
+    status = experiments.main(["tvae_Lshort_mnist", "--data-dir", str(tmp_path / "empty"),
+                               "--out", str(tmp_path / "run"), "--device", "cpu", *option])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and option[1].split("=")[0] in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_that_is_a_file_and_a_data_dir_that_is_a_file_are_one_line_errors(tmp_path, mnist_dir, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    status, err = run_cli(capsys, mnist_dir, a_file)
+    assert status == 1 and len(err) == 1 and "--out" in err[0]
+    status, err = run_cli(capsys, a_file, tmp_path / "run")
+    assert status == 1 and "--data-dir" in err[-1] and "Traceback" not in " ".join(err)
+
+
+def test_importing_without_numpy_prints_no_warning():
+    code = "import sys; sys.modules['numpy'] = None; import experiments, torch; torch.zeros(1).tolist()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).parent)
+    assert result.returncode == 0 and "NumPy" not in result.stderr, result.stderr
+
+
+def test_show_prints_the_whole_resolved_config(capsys):
+    assert experiments.main(["--show", "tvae_Lhalf_mnist", "--lr", "0.002"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == dict(json.loads(json.dumps(experiments.EXPERIMENTS["tvae_Lhalf_mnist"])), lr=0.002)
+
+
+def test_report_prints_table_1_from_the_runs_files(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path / "a")[0] == 0
+    assert run_cli(capsys, mnist_dir, tmp_path / "b", name="nontvae_mnist")[0] == 0
+    assert experiments.main(["--report", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    report = capsys.readouterr().out
+    last = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "### Table 1" in report and "`tvae_Lshort_mnist`" in report and "`nontvae_mnist`" in report
+    assert f"{last['test_eq_error']:,.0f}" in report and f"{last['test_log_likelihood'] + math.log(1):,.1f}" in report
 
 
 def test_unknown_name_exits_2_and_suggests_the_closest(capsys):
