@@ -10,7 +10,7 @@ A batch of B sequences of S frames is flattened to N = B·S images, frame index
 fastest (image n = b·S + l). Every latent is (N, d), d = n_caps·cap_dim, and
 reads as (B, S, n_caps, cap_dim): unit i of capsule c at frame l of sequence b.
 
-The model. Per image, with indices of (3) taken mod S and mod cap_dim:
+The model, for one sequence; the indices in (3) wrap, mod S and mod cap_dim:
   (1) z, u ~ N(0, I)                                       the prior, d units each
   (2) t = (z + mu) / sqrt(W ⊛ u² + eps)                    the topographic latent
   (3) (W ⊛ u²)[l, i] = Σ_{δ, δc} W[δ, δc] · u²[l + δ, i + δc]     within one capsule
@@ -25,8 +25,9 @@ Topographic: neighbouring units share almost all of their divisor W ⊛ u², so
 where it is small they are all large together: their magnitudes correlate
 while their signs (from z) stay independent.
 Equivariant: the shifting W makes the divisor of unit i at frame l sum u² of
-units i + δ (± n_off_diag) at frames l + δ, that is the paper's sum of
-Roll_δ(u²_{l+δ}) over δ (with torch.roll, unit i + δ reaches i by a roll of −δ).
+units i + δ (± n_off_diag) at frames l + δ. In the paper's notation t_l is built
+from Roll_δ of the neighbours' u² at frames l + δ (with torch.roll's direction,
+unit i + δ reaches i by a roll of −δ).
 The window slides one unit along the capsule per frame, so a code that rolls one
 unit per frame, t_l = Roll_l(t_0), keeps its neighbourhood: a step of the input
 becomes a roll of the capsule. The 2-D map of Figure 3 is (3) on an 18×18 torus
@@ -49,13 +50,13 @@ Symbols, paper → code:
   W           kernel = topographic_kernel(kT, kC, n_off_diag), (kT, kC); all of
               (3) as one matrix: Grouper.torus_matrix
   mu, eps     Grouper.mu (one learned scalar), Grouper.eps
-  S           n_transforms, frames per sequence (= cap_dim in every experiment)
+  S           n_transforms, frames per sequence (= cap_dim in the sequence experiments)
   capsule     cap_dim consecutive units of t, n_caps capsules per image
   L           kT / (2S): the window's reach along time, as a fraction of a
               capsule (MNIST 18/36 = 1/2, 13/36, 5/36; dSprites 15/30, 10/30, 5/30)
-  K           the paper uses K twice: the width within a frame of a shifting
-              neighbourhood, 2·n_off_diag + 1, written K_W here; and the number
-              of importance samples, n_samples, which is the K of (11).
+  K           the paper's K is the width within a frame of a shifting
+              neighbourhood, 2·n_off_diag + 1, written K_W here, because in this
+              file K is the number of importance samples of (11), n_samples.
 
 This module imports only torch and the standard library: copy it alone into
 lecture material and it runs.
@@ -111,9 +112,9 @@ def log_standard_normal(x):
 
 
 # ─── Grouper: from (z, u) to the topographic latent t, Eqs. (2)–(4) ──────────
-# First the sum W ⊛ u² of Eq. (3) the plain way, as the authors build it: a
-# padder wraps each torus circularly, and a 'valid' conv2d with W sums every
-# window. Then the fast form the grouper trains with: the sum is linear in u²,
+# First the sum W ⊛ u² of Eq. (3) the plain way, as the authors' code does it:
+# a padder wraps each torus circularly, and a 'valid' convolution with W sums
+# every window. Then the fast form the grouper trains with: the sum is linear in u²,
 # so on a torus of n units it is an n × n matrix M (v = u² @ M), and applying
 # the plain sum to the n basis tori e_j gives M's rows. W ⊛ u² is then one
 # matmul, whose backward pass on the CPU is ~20× faster than conv2d's with an
@@ -312,7 +313,7 @@ class TVAE(nn.Module):
         leaves out − log K, so its figures are log K higher.
         """
         x, (z_mean, z_logvar), q_u = self.encode(x)                           # (N, C·H·W); (N, d) each
-        K, (N, d) = n_samples, z_mean.shape
+        K, (N, d) = n_samples, z_mean.shape                                   # samples, images, units
         z = reparameterise(z_mean, z_logvar, torch.randn(K, N, d, device=x.device))    # (K, N, d)
         log_w = log_standard_normal(z) - log_normal(z, z_mean, z_logvar)               # (K, N)
         u = None                                                                       # the VAE: no u
