@@ -84,8 +84,9 @@ def _damaged(path, problem):
 
 
 # ─── MNIST files ─────────────────────────────────────────────────────────────
-# The standard IDX files, train 60,000 / test 10,000 digits of 28×28 uint8. An IDX file is a big-endian header (magic number, then one
-# uint32 per dimension) followed by the raw bytes. Magic 2051 = 0x0803 means
+# The standard IDX files, train 60,000 / test 10,000 digits of 28×28 uint8.
+# An IDX file is a big-endian header (magic number, then one uint32 per
+# dimension) followed by the raw bytes. Magic 2051 = 0x0803 means
 # "unsigned bytes (0x08) in 3 dimensions", 2049 = 0x0801 the same in 1.
 
 MNIST_MIRRORS = [
@@ -211,7 +212,8 @@ def rotate_scale(images, angles_deg, scales):
     a = s·cos θ, b = s·sin θ and (cx, cy) = (W/2, H/2), in pixel coordinates x
     right, y down. A positive angle therefore turns the digit anticlockwise as
     seen on the screen. With pixel centres at integers the centre (14, 14) of a
-    28×28 image is half a pixel off its middle, as in the authors' code. images (N, C, H, W) float; angles_deg, scales (N,); returns (N, C, H, W).
+    28×28 image is half a pixel off its middle, as in the authors' code.
+    images (N, C, H, W) float; angles_deg, scales (N,); returns (N, C, H, W).
     """
     _, _, h, w = images.shape
     theta = torch.deg2rad(angles_deg.to(images.dtype))
@@ -249,10 +251,10 @@ def shift_hue(images, hues):
 def perspective(images, angles_deg):
     """Tilt each image in 3-D by its angle (degrees) and project it back, as the reference does.
 
-    The authors' 3-D view: rotations phi = gamma = angle about the y and z axes (theta = 0,
-    so Rx = I), focal length f = D / (2 sin gamma) with D = √(H² + W²) (f = D
-    where sin gamma = 0, negative past 180°), and the source→destination
-    homography A2 · T(dz = f) · Ry · Rz · A1. An angle of exactly 0 leaves the
+    The authors' 3-D view: rotations phi = gamma = angle about the y and z
+    axes (theta = 0, so Rx = I), focal length f = D / (2 sin gamma) with
+    D = √(H² + W²) (f = D where sin gamma = 0, negative past 180°), and the
+    source→destination homography A2 · T(dz = f) · Ry · Rz · A1. An angle of exactly 0 leaves the
     image untouched and 180 is replaced by 181 (the degenerate edge-on view),
     both as in the reference. images (N, C, H, W); angles_deg (N,); returns (N, C, H, W).
     """

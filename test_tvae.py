@@ -45,7 +45,7 @@ def small_grouper(config, n_caps=2):
 
 
 def brute_force_group(z, u, config, mu):
-    """Eqs. (2)–(4) written out from the config: Σ over the window's offsets of u² read at (l+δ, i+δc), wrapped."""
+    """Eqs. (2)–(4) written out from the config: Σ over the window of u² read at (l+δ, i+δc), wrapped."""
     S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
     k_time, k_capsule, _ = config["group_kernel"]
     if config["map_shape"]:
