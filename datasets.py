@@ -1,7 +1,9 @@
 """The data of the Topographic VAE experiments: MNIST and dSprites sequences.
 
 Keller & Welling, "Topographic VAEs learn Equivariant Capsules", NeurIPS 2021
-(arXiv 2109.01394), and SPEC §2. Read it top to bottom:
+(arXiv 2109.01394): the transforming MNIST digits of Table 1 and Figures 1, 4,
+6, 22 and 23, and the dSprites sequences of Table 2 and Figure 4, made the way
+the authors' published code makes them. Read it top to bottom:
 
     MNIST files ──load_mnist──► digits ──mnist_sequences──► x (B, S, C, 28, 28)
                                            (rotate_scale, shift_hue, perspective)
@@ -9,7 +11,7 @@ Keller & Welling, "Topographic VAEs learn Equivariant Capsules", NeurIPS 2021
                    (render_dsprites)        (dsprites_epoch picks starts and factors)
 
 A sequence batch is (B, S, C, H, W); the model flattens it to N = B·S images
-with the frame index fastest (SPEC §1.1), and so do the image operations here:
+with the frame index fastest (image b·S + l), and so do the image operations here:
 every random choice is made once per sequence, and all N frames are then
 transformed by one batched call per operation.
 
@@ -82,9 +84,9 @@ def _damaged(path, problem):
 
 
 # ─── MNIST files ─────────────────────────────────────────────────────────────
-# SPEC §2.1: the standard IDX files, train 60,000 / test 10,000 digits of
-# 28×28 uint8. An IDX file is a big-endian header (magic number, then one
-# uint32 per dimension) followed by the raw bytes. Magic 2051 = 0x0803 means
+# The standard IDX files, train 60,000 / test 10,000 digits of 28×28 uint8.
+# An IDX file is a big-endian header (magic number, then one uint32 per
+# dimension) followed by the raw bytes. Magic 2051 = 0x0803 means
 # "unsigned bytes (0x08) in 3 dimensions", 2049 = 0x0801 the same in 1.
 
 MNIST_MIRRORS = [
@@ -160,7 +162,7 @@ def load_mnist(data_dir=None, train=True):
 
 
 def mnist_train_test(data_dir=None, seed=0):
-    """The SPEC §2.1 split: train on 80% of the MNIST training set, evaluate on the test set.
+    """The authors' split: train on 80% of the MNIST training set, evaluate on the test set.
 
     As in the reference, 20% of the 60,000 training digits (n // 5) are held
     out by a shuffle seeded with `seed` and the model trains on the other
@@ -174,7 +176,7 @@ def mnist_train_test(data_dir=None, seed=0):
     return {"train": (images[keep], labels[keep]), "test": load_mnist(data_dir, train=False)}
 
 
-# ─── Image operations (SPEC §2.1) ────────────────────────────────────────────
+# ─── Image operations ────────────────────────────────────────────────────────
 # Every operation takes N images (N, C, H, W) and one parameter per image (N,),
 # so a whole batch of sequences is transformed in one call. The geometric ones
 # build a 3×3 matrix per image that maps SOURCE to DESTINATION pixel
@@ -205,11 +207,13 @@ def _warp(images, src_to_dst):
 def rotate_scale(images, angles_deg, scales):
     """Rotate each image by its angle (degrees) and scale it about (W/2, H/2), as OpenCV does.
 
-    The source→destination map is OpenCV's getRotationMatrix2D (SPEC §2.1):
-    [[a, b, (1−a)·cx − b·cy], [−b, a, b·cx + (1−a)·cy]] with a = s·cos θ,
-    b = s·sin θ and (cx, cy) = (W/2, H/2). With pixel centres at integers the
-    centre (14, 14) of a 28×28 image is half a pixel off its middle, as in the
-    reference. images (N, C, H, W) float; angles_deg, scales (N,); returns (N, C, H, W).
+    The source→destination map is OpenCV's getRotationMatrix2D, which the
+    authors use: [[a, b, (1−a)·cx − b·cy], [−b, a, b·cx + (1−a)·cy]] with
+    a = s·cos θ, b = s·sin θ and (cx, cy) = (W/2, H/2), in pixel coordinates x
+    right, y down. A positive angle therefore turns the digit anticlockwise as
+    seen on the screen. With pixel centres at integers the centre (14, 14) of a
+    28×28 image is half a pixel off its middle, as in the authors' code.
+    images (N, C, H, W) float; angles_deg, scales (N,); returns (N, C, H, W).
     """
     _, _, h, w = images.shape
     theta = torch.deg2rad(angles_deg.to(images.dtype))
@@ -226,7 +230,7 @@ def rotate_scale(images, angles_deg, scales):
 def shift_hue(images, hues):
     """Add hues (radians) to the HSV hue of RGB images in [0, 1], keeping saturation and value.
 
-    SPEC §2.1: RGB → HSV (hue in [0, 2π)), hue + shift modulo 2π, → RGB. Both
+    RGB → HSV (hue in [0, 2π)), hue + shift modulo 2π, → RGB. Both
     conversions are written in units of a sixth of a turn (60°), where the
     standard formulas are simplest. images (N, 3, H, W); hues (N,); returns (N, 3, H, W).
     """
@@ -247,10 +251,10 @@ def shift_hue(images, hues):
 def perspective(images, angles_deg):
     """Tilt each image in 3-D by its angle (degrees) and project it back, as the reference does.
 
-    SPEC §2.1: rotations phi = gamma = angle about the y and z axes (theta = 0,
-    so Rx = I), focal length f = D / (2 sin gamma) with D = √(H² + W²) (f = D
-    where sin gamma = 0, negative past 180°), and the source→destination
-    homography A2 · T(dz = f) · Ry · Rz · A1. An angle of exactly 0 leaves the
+    The authors' 3-D view: rotations phi = gamma = angle about the y and z
+    axes (theta = 0, so Rx = I), focal length f = D / (2 sin gamma) with
+    D = √(H² + W²) (f = D where sin gamma = 0, negative past 180°), and the
+    source→destination homography A2 · T(dz = f) · Ry · Rz · A1. An angle of exactly 0 leaves the
     image untouched and 180 is replaced by 181 (the degenerate edge-on view),
     both as in the reference. images (N, C, H, W); angles_deg (N,); returns (N, C, H, W).
     """
@@ -285,7 +289,7 @@ def perspective(images, angles_deg):
     return torch.where((angles == 0).view(-1, 1, 1, 1), images, warped)
 
 
-# ─── MNIST sequences (SPEC §2.1) ─────────────────────────────────────────────
+# ─── MNIST sequences (Table 1; Figures 1, 4, 6, 22, 23) ─────────────────────
 # Three cyclic sets of 18 values. A sequence walks one (or two) of them from a
 # random start, one step per frame; the others stay at one random value each.
 
@@ -344,7 +348,7 @@ def mnist_sequences(digits, kind, colour, generator=None):
     if not colour:
         hue_idx = torch.full_like(hue_idx, -1)
 
-    # One batched call per operation on all N frames, frame index fastest (SPEC §1.1).
+    # One batched call per operation on all N frames, frame index fastest (image b·S + l).
     frames = x[:, None, None].expand(B, S, 1, H, W).reshape(B * S, 1, H, W)          # (N, 1, H, W)
     if kind == "perspective":
         frames = perspective(frames, angles)
@@ -360,7 +364,7 @@ def mnist_sequences(digits, kind, colour, generator=None):
     return frames.view(B, S, -1, H, W), {name: value.to(device) for name, value in labels.items()}
 
 
-# ─── dSprites (SPEC §2.2) ────────────────────────────────────────────────────
+# ─── dSprites (Table 2, Figure 4) ────────────────────────────────────────────
 # The published file holds 737,280 binary 64×64 images over the full factor
 # grid (shape 3, scale 6, orientation 40, posX 32, posY 32), row-major in that
 # order. Every experiment uses one sub-grid: all shapes, scale indices 1–5,
@@ -417,7 +421,9 @@ def _read_dsprites_subgrid(f, path):
 
 
 def load_dsprites(path=None):
-    """The SPEC §2.2 sub-grid of the published dSprites file: uint8 (3, 5, 15, 15, 15, 64, 64), 0/1.
+    """The experiments' sub-grid of the published dSprites file: uint8 (3, 5, 15, 15, 15, 64, 64), 0/1.
+
+    All 3 shapes, scale indices 1–5, orientation, posX and posY indices 0, 2, …, 28.
 
     path is the .npz file, or (any path not ending in .npz) the folder that
     holds it under its published name DSPRITES_FILE; it defaults to
@@ -490,7 +496,7 @@ def render_dsprites():
 
 
 def dsprites_epoch(n_start_points, batch_size, generator=None):
-    """One epoch of SPEC §2.2 start points: an iterator of (starts (B, 5) long, factors (B,) long).
+    """One epoch of sequence start points: an iterator of (starts (B, 5) long, factors (B,) long).
 
     Every sub-grid point is a start exactly once, in an order shuffled by
     `generator` (CPU, or the global RNG when None), in batches of batch_size,
@@ -509,7 +515,7 @@ def dsprites_epoch(n_start_points, batch_size, generator=None):
 def dsprites_sequences(grid, starts, factors, n_transforms=N_FRAMES_DSPRITES):
     """Sequences on the sub-grid: the chosen factor advances +1 per frame, wrapping around.
 
-    SPEC §2.2: frame t of sequence b is the grid image at starts[b] with factor
+    Frame t of sequence b is the grid image at starts[b] with factor
     factors[b] moved to (start + t) mod its sub-grid size (5 for scale, 15
     otherwise), for S = n_transforms frames. grid uint8 (3, 5, 15, 15, 15, H, W)
     on any device; starts (B, 5) long; factors (B,) long. Returns x

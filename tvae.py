@@ -1,16 +1,62 @@
 """The Topographic VAE, its loss and its metrics, in one file.
 
 Keller & Welling, "Topographic VAEs learn Equivariant Capsules", NeurIPS 2021
-(arXiv 2109.01394). Read it top to bottom in the order the data flows:
+(arXiv 2109.01394). The file reads top to bottom in the order the data flows:
 
     x ──z_encoder──► z ─┐
-    x ──u_encoder──► u ─┴─grouper──► t ──decoder──► p(x|t)
+    x ──u_encoder──► u ─┴─grouper──► t ──decoder──► p(x|t)       then the metrics
 
-The model sees a batch of B sequences of S frames flattened to N = B·S images,
-frame index fastest (image i = b·S + t, SPEC §1.1). Every latent tensor is
-(N, d) with d = n_caps·cap_dim, so it can always be viewed as
-(B, S, n_caps, cap_dim). The paper's t is called `t` here (the authors' code
-calls it s).
+A batch of B sequences of S frames is flattened to N = B·S images, frame index
+fastest (image n = b·S + l). Every latent is (N, d), d = n_caps·cap_dim, and
+reads as (B, S, n_caps, cap_dim): unit i of capsule c at frame l of sequence b.
+
+The model, for one sequence; the indices in (3) wrap, mod S and mod cap_dim:
+  (1) z, u ~ N(0, I)                                       the prior, d units each
+  (2) t = (z + mu) / sqrt(W ⊛ u² + eps)                    the topographic latent
+  (3) (W ⊛ u²)[l, i] = Σ_{δ, δc} W[δ, δc] · u²[l + δ, i + δc]     within one capsule
+  (4) W[δ, δc] = 1 if |δc − δ| ≤ n_off_diag, else 0 (shifting capsules);
+      W = 1 everywhere (stationary: Bubbles, L = 0);  δ ∈ Δ(kT), δc ∈ Δ(kC),
+      Δ(k) = {−⌊(k−1)/2⌋, …, ⌊k/2⌋}
+  (5) −log p(x|t) = −Σ_j [x_j log p_j + (1 − x_j) log(1 − p_j)],  p = decoder(t)
+t is a Gaussian over the root of a sum of squared Gaussians, a Student's-t-like
+variable. The paper subtracts mu; the code adds a learned mu, which is the same
+family with mu's sign flipped. eps only guards the division.
+Topographic: neighbouring units share almost all of their divisor W ⊛ u², so
+where it is small they are all large together: their magnitudes correlate
+while their signs (from z) stay independent.
+Equivariant: the shifting W makes the divisor of unit i at frame l sum u² of
+units i + δ (± n_off_diag) at frames l + δ. In the paper's notation t_l is built
+from Roll_δ of the neighbours' u² at frames l + δ (with torch.roll's direction,
+unit i + δ reaches i by a roll of −δ).
+The window slides one unit along the capsule per frame, so a code that rolls one
+unit per frame, t_l = Roll_l(t_0), keeps its neighbourhood: a step of the input
+becomes a roll of the capsule. The 2-D map of Figure 3 is (3) on an 18×18 torus
+of one image's units (rows for l, columns for i; S = 1).
+
+Training. Reparameterised diagonal Gaussian posteriors and the negative ELBO:
+  (6) q(z|x) = N(m_z, σ_z²), q(u|x) = N(m_u, σ_u²);  z = m_z + σ_z ⊙ ε, ε ~ N(0, I)
+  (7) KL(N(m, σ²) ‖ N(0, I)) = ½ Σ_units (σ² + m² − 1 − log σ²)
+  (8) loss = (1/N) Σ_n [ −log p(x_n|t_n) + KL_z,n + KL_u,n ]
+
+Metrics. t̂ is each capsule divided by its L2 norm; Roll_k moves unit i to i + k.
+  (9)  E_eq = (1/B) Σ_b Σ_{l0<l1} Σ_c ‖Roll_{l1−l0}(t̂[b, l0, c]) − t̂[b, l1, c]‖₁
+  (10) w_k = log p(x|t_k) + log p(z_k) + log p(u_k) − log q(z_k|x) − log q(u_k|x)
+  (11) log p(x) ≈ logsumexp_k w_k − log K,  z_k, u_k ~ q (K importance samples)
+The authors' code leaves out − log K: its figures are log K (2.30 nats for K = 10)
+higher. E_eq is in Tables 1 and 2, log p(x) in Table 1.
+
+Symbols, paper → code:
+  z, u, t     z, u, t; (N, d) tensors (the authors' code calls t "s")
+  W           kernel = topographic_kernel(kT, kC, n_off_diag), (kT, kC); all of
+              (3) as one matrix: Grouper.torus_matrix
+  mu, eps     Grouper.mu (one learned scalar), Grouper.eps
+  S           n_transforms, frames per sequence (= cap_dim in the sequence experiments)
+  capsule     cap_dim consecutive units of t, n_caps capsules per image
+  L           kT / (2S): the window's reach along time, as a fraction of a
+              capsule (MNIST 18/36 = 1/2, 13/36, 5/36; dSprites 15/30, 10/30, 5/30)
+  K           the paper's K is the width within a frame of a shifting
+              neighbourhood, 2·n_off_diag + 1, written K_W here, because in this
+              file K is the number of importance samples of (11), n_samples.
 
 This module imports only torch and the standard library: copy it alone into
 lecture material and it runs.
@@ -24,11 +70,11 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2 * math.pi)
 
 
-# ─── Encoders: q(z|x) and q(u|x) ──────────────────────────────────────────────
-# SPEC §1.2: both encoders are diagonal Gaussians with the same
-# architecture and separate weights. The reference writes them as a full-image
-# Conv2d followed by 1×1 convolutions: the same function (and the same default
-# initialisation, fan_in = C·H·W) as Linear layers on the flattened image.
+# ─── Encoders: q(z|x) and q(u|x), Eq. (6) ─────────────────────────────────────
+# Two diagonal Gaussians with the same architecture and separate weights. The
+# authors write them as a full-image Conv2d followed by 1×1 convolutions: the
+# same function (and the same default initialisation, fan_in = C·H·W) as Linear
+# layers on the flattened image.
 
 class GaussianEncoder(nn.Module):
     """Flattened image (C·H·W) → 3d → 2d → 2d units; the last 2d are (mean, log-variance)."""
@@ -46,29 +92,122 @@ class GaussianEncoder(nn.Module):
 
 
 def reparameterise(mean, logvar, noise):
-    """A sample of Normal(mean, exp(logvar/2)) as a differentiable function of the noise."""
+    """Eq. (6): a sample of N(mean, exp(logvar)) as a differentiable function of the noise ε."""
     return mean + torch.exp(0.5 * logvar) * noise
 
 
 def kl_standard_normal(mean, logvar):
-    """Analytic KL(N(m, σ²) ‖ N(0, 1)) summed over units: ½ Σ (σ² + m² − 1 − log σ²). (N, d) → (N,)."""
-    return 0.5 * (logvar.exp() + mean ** 2 - 1 - logvar).sum(dim=1)
+    """Eq. (7): KL(N(m, σ²) ‖ N(0, 1)) = ½ Σ (σ² + m² − 1 − log σ²) over the last axis. (…, d) → (…)."""
+    return 0.5 * (logvar.exp() + mean ** 2 - 1 - logvar).sum(dim=-1)
 
 
 def log_normal(x, mean, logvar):
-    """log N(x; mean, exp(logvar)) summed over units. (N, d) → (N,)."""
-    return -0.5 * (LOG_2PI + logvar + (x - mean) ** 2 / logvar.exp()).sum(dim=1)
+    """log N(x; mean, exp(logvar)) summed over the last axis. (…, d) → (…)."""
+    return -0.5 * (LOG_2PI + logvar + (x - mean) ** 2 / logvar.exp()).sum(dim=-1)
 
 
 def log_standard_normal(x):
-    """log N(x; 0, 1) summed over units, the prior p(z) = p(u). (N, d) → (N,)."""
-    return -0.5 * (LOG_2PI + x ** 2).sum(dim=1)
+    """log N(x; 0, 1) summed over the last axis: the prior p(z) = p(u) of Eq. (1). (…, d) → (…)."""
+    return -0.5 * (LOG_2PI + x ** 2).sum(dim=-1)
 
 
-# ─── Decoder: p(x|t) ─────────────────────────────────────────────────────────
-# SPEC §1.3: t (d) → 2d → 3d → C·H·W → sigmoid, a Bernoulli on the pixel
-# intensities in [0, 1]. The reference's layers are transposed convolutions, and
-# two of their details decide the parameter count and the early training curve:
+# ─── Grouper: from (z, u) to the topographic latent t, Eqs. (2)–(4) ──────────
+# First the sum W ⊛ u² of Eq. (3) the plain way, as the authors' code does it:
+# a padder wraps each torus circularly, and a 'valid' convolution with W sums
+# every window. Then the fast form the grouper trains with: the sum is linear in u²,
+# so on a torus of n units it is an n × n matrix M (v = u² @ M), and applying
+# the plain sum to the n basis tori e_j gives M's rows. W ⊛ u² is then one
+# matmul, whose backward pass on the CPU is ~20× faster than conv2d's with an
+# 18×18 kernel. test_tvae.py checks the two against each other and against
+# Eq. (3) written out term by term.
+
+def window_offsets(k):
+    """Δ(k) of Eq. (4): the k offsets −⌊(k−1)/2⌋, …, ⌊k/2⌋ (18 → −8…9, 13 → −6…6, 5 → −2…2)."""
+    return range(-((k - 1) // 2), k // 2 + 1)
+
+
+def topographic_kernel(k_time, k_capsule, n_off_diag=None):
+    """The 0/1 kernel W of Eq. (4) over (time offset δ, unit offset δc), shape (k_time, k_capsule).
+
+    Shifting capsules (n_off_diag given): W[δ, δc] = 1 where |δc − δ| ≤ n_off_diag,
+    so the neighbourhood of unit i at frame l is unit i + δ (± n_off_diag) at
+    frame l + δ: the window moves along the capsule as time advances. Stationary
+    capsules (n_off_diag None: Bubbles, L = 0, the 2-D map): all ones, no shift.
+    Row r of W is the r-th offset of window_offsets(k_time), column c likewise.
+    """
+    if n_off_diag is None:
+        return torch.ones(k_time, k_capsule)
+    dt = torch.tensor(window_offsets(k_time))[:, None]           # Δ(kT), (kT, 1)
+    dc = torch.tensor(window_offsets(k_capsule))[None, :]        # Δ(kC), (1, kC)
+    return ((dc - dt).abs() <= n_off_diag).float()
+
+
+def neighbourhood_sum(u2, kernel):
+    """W ⊛ u² of Eq. (3) on tori u2 (M, rows, cols): v[l, i] = Σ W[δ, δc] · u²[l + δ, i + δc], wrapped.
+
+    Rows are frames and columns a capsule's units (or the rows and columns of
+    the 2-D map). The padder adds ⌊(k−1)/2⌋ wrapped rows (columns) before and
+    ⌊k/2⌋ after, the reach of Δ(k); conv2d then computes Σ W[r, c] · padded[l + r, i + c],
+    a cross-correlation (W is not flipped), which is Eq. (3) with δ = r − ⌊(k−1)/2⌋.
+    """
+    k_rows, k_cols = kernel.shape
+    # F.pad takes (left, right, top, bottom): the column (unit) axis first, then rows (time).
+    padding = ((k_cols - 1) // 2, k_cols // 2, (k_rows - 1) // 2, k_rows // 2)
+    wrapped = F.pad(u2[:, None], padding, mode="circular")       # (M, 1, rows + kT − 1, cols + kC − 1)
+    return F.conv2d(wrapped, kernel[None, None].to(u2.dtype))[:, 0]   # (M, rows, cols)
+
+
+class Grouper(nn.Module):
+    """(z, u) → t = (z + mu) / sqrt(W ⊛ u² + eps), Eq. (2), on (N, d) tensors.
+
+    kernel: W of Eq. (4), (kT, kC). A shifting kernel sets the paper's L = kT/(2S),
+    how far the window reaches along time as a fraction of a capsule, and its
+    K = 2·n_off_diag + 1, the neighbourhood's width within one frame (K_W in
+    this file's header, not the K importance samples of Eq. (11)). A stationary
+    kernel sums a kT × kC block of frames × units without shifting (L = 0: kT = 1).
+    The torus is S frames × cap_dim units per capsule of each sequence; with
+    map_shape = (rows, cols) it is instead each image's d units laid out
+    row-major on a rows × cols torus (the 2-D map of Figure 3, S = 1, one
+    capsule). Capsules and sequences never mix.
+    """
+
+    def __init__(self, kernel, n_transforms, n_caps, cap_dim, mu_init, eps=1e-6, map_shape=None):
+        super().__init__()
+        self.n_transforms, self.n_caps, self.cap_dim = n_transforms, n_caps, cap_dim
+        self.map_shape, self.eps = map_shape, eps
+        self.register_buffer("kernel", kernel)                    # W, (kT, kC)
+        torus = map_shape or (n_transforms, cap_dim)
+        n = math.prod(torus)
+        # Row j is the plain sum applied to basis torus e_j: v = u² @ torus_matrix.
+        basis = torch.eye(n).view(n, *torus)                      # (n, rows, cols)
+        self.register_buffer("torus_matrix", neighbourhood_sum(basis, kernel).view(n, n), persistent=False)
+        self.mu = nn.Parameter(torch.tensor(float(mu_init)))
+
+    def to_torus(self, x):
+        """(N, d) → (B·n_caps, S·cap_dim): one flattened torus per capsule of each sequence."""
+        if self.map_shape is not None:
+            return x                                              # (N, rows·cols) already
+        S, caps, dim = self.n_transforms, self.n_caps, self.cap_dim
+        x = x.view(-1, S, caps, dim).transpose(1, 2)              # (B, n_caps, S, cap_dim)
+        return x.reshape(-1, S * dim)
+
+    def from_torus(self, x):
+        """The inverse of to_torus: (B·n_caps, S·cap_dim) → (N, d)."""
+        if self.map_shape is not None:
+            return x
+        S, caps, dim = self.n_transforms, self.n_caps, self.cap_dim
+        x = x.view(-1, caps, S, dim).transpose(1, 2)              # (B, S, n_caps, cap_dim)
+        return x.reshape(-1, caps * dim)
+
+    def forward(self, z, u):                                      # z, u (N, d)
+        v = self.from_torus(self.to_torus(u ** 2) @ self.torus_matrix)   # W ⊛ u², Eq. (3), (N, d)
+        return (z + self.mu) / torch.sqrt(v + self.eps)           # Eq. (2), (N, d)
+
+
+# ─── Decoder: p(x|t), Eq. (5) ────────────────────────────────────────────────
+# t (d) → 2d → 3d → C·H·W → sigmoid: a Bernoulli on the pixel intensities in
+# [0, 1]. The authors' layers are transposed convolutions, and two of their
+# details decide the parameter count and the early training curve:
 #   * the last layer has one bias per channel (C values), not one per pixel;
 #   * every weight and bias is drawn from U(−1/√f, 1/√f) with f = the layer's
 #     OUTPUT units (ConvTranspose2d's fan), not its input units as nn.Linear does.
@@ -78,7 +217,6 @@ class BernoulliDecoder(nn.Module):
 
     def __init__(self, d, image_shape):
         super().__init__()
-        self.image_shape = image_shape
         channels, height, width = image_shape
         self.hidden = nn.Sequential(
             nn.Linear(d, 2 * d), nn.ReLU(),
@@ -96,108 +234,24 @@ class BernoulliDecoder(nn.Module):
 
     def forward(self, t):                                         # t (N, d)
         logits = self.to_pixels(self.hidden(t))                   # (N, C·H·W)
-        logits = logits.unflatten(1, (len(self.channel_bias), -1)) + self.channel_bias[:, None]
+        logits = logits.unflatten(1, (len(self.channel_bias), -1)) + self.channel_bias[:, None]  # (N, C, H·W)
         return torch.sigmoid(logits.flatten(1))                   # (N, C·H·W)
 
 
 def bernoulli_nll(probs, x):
-    """−log p(x|t) = −Σ [x log p + (1−x) log(1−p)] over pixels, (N, C·H·W) → (N,).
+    """Eq. (5): −log p(x|t) = −Σ [x log p + (1−x) log(1−p)] over the last axis, (…, C·H·W) → (…).
 
     x holds intensities in [0, 1] (not binarised). p is clamped to [eps, 1 − eps]
     with eps the float32 machine epsilon, as torch.distributions.Bernoulli does.
     """
     eps = torch.finfo(probs.dtype).eps
     p = probs.clamp(eps, 1 - eps)
-    return -(x * p.log() + (1 - x) * torch.log1p(-p)).sum(dim=1)
-
-
-# ─── Grouper: the topographic kernel W and the padder ────────────────────────
-# SPEC §1.4: the topographic latent is
-#
-#     t = (z + mu) / sqrt(W ⊛ u² + eps)
-#
-# where W ⊛ u² sums u² over a neighbourhood on a torus and mu is one learned
-# scalar. Each capsule of each sequence is a 2-D torus of S frames × cap_dim
-# units; the padder wraps it circularly in both directions (the boundary
-# condition), and a 'valid' conv2d with the 0/1 kernel W does the sum. A kernel
-# of size k covers offsets δ ∈ Δ(k) = {−⌊(k−1)/2⌋, …, ⌊k/2⌋}: a circular pad of
-# ⌊(k−1)/2⌋ before and ⌊k/2⌋ after.
-#
-# Speed: padding and convolving is a linear map of the torus, so the grouper
-# applies it once to every basis vector at construction and keeps the result
-# as a matrix. W ⊛ u² is then one matmul, whose backward pass on the CPU is
-# ~20× faster than conv2d's with an 18×18 kernel, and exactly the same sum.
-
-def topographic_kernel(k_time, k_capsule, n_off_diag=None):
-    """The 0/1 kernel W over (time offset δt, unit offset δc), shape (k_time, k_capsule).
-
-    Shifting capsules (n_off_diag given, SPEC §1.4a): W[δt, δc] = 1 where
-    |δc − δt| ≤ n_off_diag, so the neighbourhood of unit i at frame τ is unit
-    i + δt (± n_off_diag) at frame τ + δt: the window moves along the capsule as
-    time advances, which makes one step of the input a Roll of the capsule.
-    Stationary capsules (n_off_diag None, §1.4b: Bubbles, L=0, the 2-D map):
-    all ones, no shift.
-    """
-    if n_off_diag is None:
-        return torch.ones(k_time, k_capsule)
-    dt = torch.arange(k_time) - (k_time - 1) // 2                 # Δ(kT)
-    dc = torch.arange(k_capsule) - (k_capsule - 1) // 2           # Δ(kC)
-    return ((dc[None, :] - dt[:, None]).abs() <= n_off_diag).float()
-
-
-def pad_and_sum(tori, kernel):
-    """W ⊛ x on tori (M, 1, rows, cols): the padder wraps both axes, then a valid conv sums."""
-    k_rows, k_cols = kernel.shape
-    # F.pad takes (left, right, top, bottom): the column (capsule) axis first, then rows (time).
-    padding = ((k_cols - 1) // 2, k_cols // 2, (k_rows - 1) // 2, k_rows // 2)
-    return F.conv2d(F.pad(tori, padding, mode="circular"), kernel[None, None])
-
-
-class Grouper(nn.Module):
-    """(z, u) → t = (z + mu) / sqrt(W ⊛ u² + eps), on (N, d) tensors (SPEC §1.4).
-
-    kernel: W, (kT, kC). The torus is (S frames × cap_dim units) per capsule of
-    each sequence; with map_shape = (rows, cols) it is instead each image's
-    d units laid out row-major on a rows × cols torus (the 2-D map of Figure 3,
-    S = 1, one capsule). Capsules and sequences never mix.
-    """
-
-    def __init__(self, kernel, n_transforms, n_caps, cap_dim, mu_init, eps=1e-6, map_shape=None):
-        super().__init__()
-        self.n_transforms, self.n_caps, self.cap_dim = n_transforms, n_caps, cap_dim
-        self.map_shape, self.eps = map_shape, eps
-        self.register_buffer("kernel", kernel)                    # (kT, kC)
-        torus = map_shape or (n_transforms, cap_dim)
-        n = math.prod(torus)
-        # Row j holds where unit j's u² lands: v = u² @ torus_matrix.
-        basis = torch.eye(n).view(n, 1, *torus)
-        self.register_buffer("torus_matrix", pad_and_sum(basis, kernel).view(n, n), persistent=False)
-        self.mu = nn.Parameter(torch.tensor(float(mu_init)))
-
-    def to_torus(self, x):
-        """(N, d) → (B·n_caps, S·cap_dim): one flattened torus per capsule of each sequence."""
-        if self.map_shape is not None:
-            return x
-        S, caps, dim = self.n_transforms, self.n_caps, self.cap_dim
-        x = x.view(-1, S, caps, dim).transpose(1, 2)              # (B, n_caps, S, cap_dim)
-        return x.reshape(-1, S * dim)
-
-    def from_torus(self, x):
-        """The inverse of to_torus: (B·n_caps, S·cap_dim) → (N, d)."""
-        if self.map_shape is not None:
-            return x
-        S, caps, dim = self.n_transforms, self.n_caps, self.cap_dim
-        x = x.view(-1, caps, S, dim).transpose(1, 2)              # (B, S, n_caps, cap_dim)
-        return x.reshape(-1, caps * dim)
-
-    def forward(self, z, u):                                      # z, u (N, d)
-        v = self.from_torus(self.to_torus(u ** 2) @ self.torus_matrix)   # W ⊛ u², (N, d)
-        return (z + self.mu) / torch.sqrt(v + self.eps)           # SPEC §1.4
+    return -(x * p.log() + (1 - x) * torch.log1p(-p)).sum(dim=-1)
 
 
 # ─── The model ───────────────────────────────────────────────────────────────
-# SPEC §1.4c: with grouper=None this is the non-topographic
-# baseline VAE (t = z, no u-encoder, no mu, KL on z only).
+# With grouper=None this is the non-topographic baseline VAE of Tables 1 and 2:
+# t = z, no u-encoder, no mu, and no u terms in Eqs. (8) and (10).
 
 class TVAE(nn.Module):
     """The Topographic VAE: z_encoder, u_encoder, grouper, decoder.
@@ -223,63 +277,63 @@ class TVAE(nn.Module):
         return x, q_z, q_u
 
     def group(self, z, u):
-        """t from samples of z and u (t = z for the VAE)."""
+        """t from samples of z and u, Eq. (2) (t = z for the VAE)."""
         return self.grouper(z, u) if self.grouper is not None else z
 
     def forward(self, x):
-        """One pass of the training objective (SPEC §1.5) on x (B, S, C, H, W).
+        """One pass of the training objective, Eq. (8), on x (B, S, C, H, W).
 
         Returns a dict of per-image tensors (N,): 'nll' = −log p(x|t), 'kl_z',
-        'kl_u' (zero for the VAE), 'loss' = their sum; and 't' (N, d), the
-        sampled topographic latent, and 'probs' (N, C·H·W).
+        'kl_u' (zero for the VAE), 'loss' = their sum (its mean is Eq. (8)); and
+        't' (N, d), the sampled topographic latent, and 'probs' (N, C·H·W).
+        The noise of z is drawn before the noise of u.
         """
-        x, (z_mean, z_logvar), q_u = self.encode(x)
-        z = reparameterise(z_mean, z_logvar, torch.randn_like(z_mean))
-        kl_z = kl_standard_normal(z_mean, z_logvar)
-        if q_u is None:
-            u, kl_u = None, torch.zeros_like(kl_z)
+        x, (z_mean, z_logvar), q_u = self.encode(x)                           # (N, C·H·W); (N, d) each
+        z = reparameterise(z_mean, z_logvar, torch.randn_like(z_mean))         # (N, d), Eq. (6)
+        kl_z = kl_standard_normal(z_mean, z_logvar)                            # (N,), Eq. (7)
+        if q_u is None:                                                        # the VAE: no u
+            u, kl_u = None, torch.zeros_like(kl_z)                             # kl_u (N,)
         else:
-            u_mean, u_logvar = q_u
-            u = reparameterise(u_mean, u_logvar, torch.randn_like(u_mean))
-            kl_u = kl_standard_normal(u_mean, u_logvar)
-        t = self.group(z, u)
-        probs = self.decoder(t)
-        nll = bernoulli_nll(probs, x)
-        return {"loss": nll + kl_z + kl_u, "nll": nll, "kl_z": kl_z, "kl_u": kl_u,
-                "t": t, "probs": probs}
+            u_mean, u_logvar = q_u                                             # (N, d) each
+            u = reparameterise(u_mean, u_logvar, torch.randn_like(u_mean))     # (N, d), Eq. (6)
+            kl_u = kl_standard_normal(u_mean, u_logvar)                        # (N,), Eq. (7)
+        t = self.group(z, u)                                                   # (N, d), Eq. (2)
+        probs = self.decoder(t)                                                # (N, C·H·W)
+        nll = bernoulli_nll(probs, x)                                          # (N,), Eq. (5)
+        return {"loss": nll + kl_z + kl_u, "nll": nll, "kl_z": kl_z, "kl_u": kl_u,   # (N,) each
+                "t": t, "probs": probs}                                        # (N, d), (N, C·H·W)
 
     @torch.no_grad()
     def log_likelihood(self, x, n_samples):
-        """Importance-sampled log p(x) per image, x (B, S, C, H, W) → (B·S,) nats (SPEC §1.6).
+        """Importance-sampled log p(x) per image, Eqs. (10)–(11): x (B, S, C, H, W) → (B·S,) nats.
 
-            w_k = log p(x|t_k) + log p(z_k) + log p(u_k) − log q(z_k|x) − log q(u_k|x)
-            log p̂(x) = logsumexp_k w_k − log K
-
-        The posteriors are the proposals. Since t of one frame depends on u of
-        its neighbours, each sample is drawn for the whole sequence at once.
-        The reference omitted − log K, so its figures are log K higher.
+        The posteriors are the proposals; K = n_samples. Since t of one frame
+        depends on u of its neighbours, each sample is drawn for the whole batch
+        of sequences at once: K noises for z, then K for u. The authors' code
+        leaves out − log K, so its figures are log K higher.
         """
-        x, (z_mean, z_logvar), q_u = self.encode(x)
-        K, (N, d) = n_samples, z_mean.shape
-        z = reparameterise(z_mean, z_logvar, torch.randn(K, N, d, device=x.device)).view(K * N, d)
-        z_mean, z_logvar = z_mean.repeat(K, 1), z_logvar.repeat(K, 1)    # (K·N, d)
-        log_w = log_standard_normal(z) - log_normal(z, z_mean, z_logvar)
-        u = None
+        x, (z_mean, z_logvar), q_u = self.encode(x)                           # (N, C·H·W); (N, d) each
+        K, (N, d) = n_samples, z_mean.shape                                   # samples, images, units
+        z = reparameterise(z_mean, z_logvar, torch.randn(K, N, d, device=x.device))    # (K, N, d)
+        log_w = log_standard_normal(z) - log_normal(z, z_mean, z_logvar)               # (K, N)
+        u = None                                                                       # the VAE: no u
         if q_u is not None:
-            u_mean, u_logvar = q_u
-            u = reparameterise(u_mean, u_logvar, torch.randn(K, N, d, device=x.device)).view(K * N, d)
-            u_mean, u_logvar = u_mean.repeat(K, 1), u_logvar.repeat(K, 1)
-            log_w += log_standard_normal(u) - log_normal(u, u_mean, u_logvar)
-        probs = self.decoder(self.group(z, u))                    # (K·N, C·H·W); K whole batches
-        log_w -= bernoulli_nll(probs, x.repeat(K, 1))
-        return torch.logsumexp(log_w.view(K, N), dim=0) - math.log(K)
+            u_mean, u_logvar = q_u                                                     # (N, d) each
+            u = reparameterise(u_mean, u_logvar, torch.randn(K, N, d, device=x.device))  # (K, N, d)
+            log_w = log_w + log_standard_normal(u) - log_normal(u, u_mean, u_logvar)     # (K, N)
+            u = u.flatten(0, 1)                                                        # (K·N, d)
+        t = self.group(z.flatten(0, 1), u)                     # (K·N, d): K whole batches of sequences
+        probs = self.decoder(t).view(K, N, -1)                                         # (K, N, C·H·W)
+        log_w = log_w - bernoulli_nll(probs, x)                                        # (K, N), Eq. (10)
+        return torch.logsumexp(log_w, dim=0) - math.log(K)                             # (N,), Eq. (11)
 
     @torch.no_grad()
     def sample(self, n_sequences, n_transforms):
-        """Decode draws from the prior: z, u ~ N(0, 1) → grouper → decoder (SPEC §1.7).
+        """Decode draws from the prior, Eq. (1): z, u ~ N(0, I) → grouper → decoder.
 
         Returns probabilities (n_sequences, S, C, H, W); whole sequences are drawn
-        because t of a frame depends on u of its neighbours in time.
+        because t of a frame depends on u of its neighbours in time. z is drawn
+        first, then u, each (n_sequences·S, d).
         """
         device = self.decoder.channel_bias.device
         z = torch.randn(n_sequences * n_transforms, self.d, device=device)
@@ -289,13 +343,14 @@ class TVAE(nn.Module):
 
     @torch.no_grad()
     def capsule_traversal(self, x, n_caps, cap_dim):
-        """The picture of Figures 1, 4, 6, 22, 23 (SPEC §1.7) for one sequence x (S, C, H, W).
+        """The picture of Figures 1, 4, 6, 22 and 23 for one sequence x (S, C, H, W).
 
         Returns three image stacks: the S input frames, their reconstructions,
         and the decodings of frame 0's latent rolled within every capsule by
-        0, 1, …, cap_dim − 1. An equivariant model makes the last row replay
-        the sequence. The latents are computed from the posterior means, so the
-        picture does not change from one call to the next.
+        0, 1, …, cap_dim − 1 (unit i moves to i + k, the direction of Eq. (9)).
+        An equivariant model makes the last row replay the sequence. The
+        latents are computed from the posterior means, so the picture does not
+        change from one call to the next.
         """
         _, (z_mean, _), q_u = self.encode(x[None])
         t = self.group(z_mean, q_u[0] if q_u is not None else None)                  # (S, d)
@@ -306,29 +361,39 @@ class TVAE(nn.Module):
 
 
 # ─── Metrics ─────────────────────────────────────────────────────────────────
+# E_eq, first as Eq. (9) writes it, then the fast form used in training. With
+# every frame un-rolled by its own index, a[l] = Roll_−l(t̂[l]), each term of
+# Eq. (9) is Roll_l1(a[l0] − a[l1]), and a roll keeps the L1 norm: so E_eq is
+# the sum of the L1 distances between all pairs of un-rolled frames, one cdist.
+
+def equivariance_error_by_definition(t, n_transforms, n_caps, cap_dim):
+    """E_eq of Eq. (9), pair by pair, averaged over the B sequences of t (N, d). Slow; for reading."""
+    t_hat = F.normalize(t.view(-1, n_transforms, n_caps, cap_dim), dim=3)   # (B, S, n_caps, cap_dim)
+    total = 0.0
+    for l0 in range(n_transforms):
+        for l1 in range(l0 + 1, n_transforms):
+            total = total + (t_hat[:, l0].roll(l1 - l0, dims=2) - t_hat[:, l1]).abs().sum()
+    return total / t_hat.shape[0]
+
 
 def equivariance_error(t, n_transforms, n_caps, cap_dim):
-    """E_eq of SPEC §1.6 (the paper's Table 1), averaged over the B sequences of t (N, d).
+    """E_eq of Eq. (9) (Tables 1 and 2), averaged over the B sequences of t (N, d): the fast form.
 
-        E_eq = (1/B) Σ_b Σ_{t0<t1} Σ_caps ‖ Roll_{t1−t0}(t̂[b, t0]) − t̂[b, t1] ‖₁
-
-    t̂ is every capsule vector divided by its L2 norm; Roll_k moves unit i to
-    i + k (torch.roll). Un-roll every frame by its own index, a[τ] = Roll_−τ(t̂[τ]):
-    then Roll_{t1−t0}(t̂[t0]) − t̂[t1] = Roll_t1(a[t0] − a[t1]), and a roll keeps the
-    L1 norm, so E_eq sums the L1 distances between all pairs of un-rolled
-    frames. A perfectly equivariant code un-rolls to the same vector in every frame.
+    Each frame is un-rolled by its index (a gather), then the pairwise L1
+    distances of the un-rolled frames are summed, each pair once (see above).
+    A perfectly equivariant code un-rolls to the same vector in every frame.
     """
     S = n_transforms
     t = F.normalize(t.view(-1, S, n_caps, cap_dim), dim=3)        # t̂, (B, S, n_caps, cap_dim)
     frame, unit = torch.arange(S, device=t.device)[:, None], torch.arange(cap_dim, device=t.device)
     source = ((unit + frame) % cap_dim).expand(t.shape[0], n_caps, S, cap_dim).transpose(1, 2)
-    unrolled = t.gather(3, source).flatten(2)                     # a: out[τ, i] = t̂[τ, i + τ], (B, S, d)
+    unrolled = t.gather(3, source).flatten(2)                     # a: a[l, i] = t̂[l, i + l], (B, S, d)
     distances = torch.cdist(unrolled, unrolled, p=1)              # (B, S, S), symmetric
-    return distances.sum(dim=(1, 2)).mean() / 2                   # each pair t0 < t1 once
+    return distances.sum(dim=(1, 2)).mean() / 2                   # each pair l0 < l1 once
 
 
 def capsule_offsets(t, labels, n_caps, cap_dim):
-    """Estimated and true transformation offsets per dSprites sequence (SPEC §1.6, Table 2).
+    """Estimated and true transformation offsets per dSprites sequence (Table 2).
 
     t (N, d) with N = B·S; labels (B, S, n_factors) factor indices per frame.
     For each sequence: the transformed factor f is the one whose index changes
@@ -359,7 +424,7 @@ def pearson(a, b):
 
 
 def class_selectivity(t, classes, n_classes=10, threshold=0.85):
-    """The class-selectivity map of Figure 3 (SPEC §1.7): per unit, the class it prefers, or −1.
+    """The class-selectivity map of Figure 3: per unit, the class it prefers, or −1.
 
     t (N, d) over a test set, classes (N,). For each unit and class c,
     d′ = (mean_c − mean_rest) / sqrt((var_c + var_rest) / 2); a unit is labelled
