@@ -137,7 +137,7 @@ def train_step(model, optimizer, x, config):
     """
     S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
     out = model(x)                                                # per-image terms (N,), t (N, d)
-    loss = out["loss"].mean()                                     # tvae.py Eq. (ELBO), mean over images
+    loss = out["loss"].mean()                                     # tvae.py Eq. (8), mean over images
     with torch.no_grad():
         eq = tvae.equivariance_error(out["t"], S, caps, D) if S > 1 else torch.zeros((), device=x.device)
         kl = (out["kl_z"] + out["kl_u"]).mean()
@@ -221,7 +221,7 @@ def epoch_record(state, config):
 
 @torch.no_grad()
 def evaluate(model, data, config, out_dir, epoch):
-    """Test log p(x) (tvae.py Eq. (IS)) and E_eq (Eq. (EQ)) on the fixed test sequences, and the pictures.
+    """Test log p(x) (tvae.py Eqs. (10)–(11)) and E_eq (Eq. (9)) on the fixed test sequences, and the pictures.
 
     Pictures: the capsule traversal of the first test sequence (Figures 1, 4, 6)
     and prior samples; for the 2-D model, Figure 3 (write_figure3) and its
@@ -927,7 +927,7 @@ def report(folders):
     """Markdown: one table per paper table (Table 1, Table 2, Figure 3) and the evaluations of each run.
 
     Reads only config.json and metrics.jsonl. log p(x) is ours (with − log K,
-    tvae.py Eq. (IS)); the paper's convention adds log K back.
+    tvae.py Eqs. (10)–(11)); the paper's convention adds log K back.
     """
     runs = [(Path(folder), *read_run(folder)) for folder in folders]
     lines = []

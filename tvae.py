@@ -62,8 +62,11 @@ This module imports only torch and the standard library: copy it alone into
 lecture material and it runs.
 """
 import math
+import warnings
 
-import torch
+# torch warns at import when numpy is absent; nothing here uses numpy, so that warning is noise.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+import torch  # noqa: E402  (after the filter above)
 import torch.nn as nn
 import torch.nn.functional as F
 
