@@ -782,7 +782,7 @@ def mnist_dir(tmp_path_factory):
 def quick_config(name, **overrides):
     """The experiment's config, cut down to one short epoch on a few sequences."""
     config = dict(experiments.EXPERIMENTS[name], max_epochs=1, batch_size=4, train_sequences=8,
-                  test_sequences=2, n_is_samples=2)
+                  test_sequences=2, n_is_samples=2, n_caps=min(2, experiments.EXPERIMENTS[name]["n_caps"]))
     config.update(overrides)
     return config
 
@@ -846,10 +846,10 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(signal_numbe
 # ─── The run folder survives ordinary mistakes ───────────────────────────────
 
 def run_cli(capsys, mnist_dir, out, *options, name="tvae_Lshort_mnist"):
-    """experiments.main on a tiny run (one batch of 4 sequences, 2 test sequences): (exit status, stderr lines)."""
+    """experiments.main on a tiny run (2 capsules, one batch of 4 sequences, 2 test sequences): (status, stderr lines)."""
     status = experiments.main([name, "--data-dir", str(mnist_dir), "--out", str(out), "--device", "cpu",
                                "--train-sequences", "4", "--batch-size", "4", "--test-sequences", "2",
-                               "--set", "n_is_samples=1", "--epochs", "1", *options])
+                               "--set", "n_is_samples=1", "--set", "n_caps=2", "--epochs", "1", *options])
     return status, capsys.readouterr().err.strip().splitlines()
 
 
