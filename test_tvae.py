@@ -334,6 +334,15 @@ def test_class_selectivity_labels_units_that_prefer_a_class():
     assert labels[0] == 3 and labels[1] == 7 and (labels[2:] == -1).all()
 
 
+def test_topography_of_a_map_of_class_bands_is_counted_pair_by_pair_and_shuffling_gives_chance():
+    labels = torch.arange(324) // 36                 # 9 classes, each a band of 2 rows of the 18×18 map
+    labels[labels == 8] = -1                         # the last band prefers no class: its pairs do not count
+    share, shuffled = tvae.topographic_agreement(labels, (18, 18), generator=torch.Generator().manual_seed(0))
+    # Pairs of selective units: 16·18 along rows (all alike) + 15·18 across (8·18 alike, within a band).
+    assert share == (16 * 18 + 8 * 18) / (16 * 18 + 15 * 18)
+    assert abs(shuffled - 35 / 287) < 0.01           # chance: another unit of one's own class, of the 288 selective
+
+
 README_HEADING = "## Use tvae.py in your own code"
 
 
