@@ -445,7 +445,8 @@ def load_dsprites(path=None):
         except DOWNLOAD_ERRORS as error:
             raise DataError(f"dSprites file {path} is missing and could not be downloaded from "
                             f"{DSPRITES_URL} ({error}); put {DSPRITES_FILE} there, or point --data-dir "
-                            f"(or TVAE_DATA_DIR) at a folder that holds it") from None
+                            f"(or TVAE_DATA_DIR) at a folder that holds it, or draw the sprites "
+                            f"with --dsprites procedural") from None
     try:
         with zipfile.ZipFile(path) as archive, archive.open("imgs.npy") as f:
             return _read_dsprites_subgrid(f, path)

@@ -1167,7 +1167,7 @@ def main(argv=None):
         records, interrupted = train(config, args.out, args.data_dir or datasets.default_data_dir(), device,
                                      args.resume, args.overwrite)
     except ConfigError as error:
-        print(f"error: {error} (python experiments.py --show NAME prints a whole config)", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     except (datasets.DataError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -718,7 +718,7 @@ def test_missing_dsprites_offline_names_the_path_the_url_and_the_option(tmp_path
         datasets.load_dsprites(tmp_path)
     message = str(error.value)
     assert "\n" not in message and str(tmp_path / datasets.DSPRITES_FILE) in message
-    assert datasets.DSPRITES_URL in message and "--data-dir" in message
+    assert datasets.DSPRITES_URL in message and "--data-dir" in message and "--dsprites procedural" in message
     assert list(tmp_path.iterdir()) == []
 
 
