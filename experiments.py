@@ -548,7 +548,7 @@ class RunFolder:
                 if pid is not None and _alive(pid):
                     raise RunError(f"--out {self.folder} is in use by another run (process {pid}); "
                                    f"wait for it to end, or choose another --out") from None
-                print(f"warning: removing the lock of process {pid}, which has ended", file=sys.stderr)
+                print(f"warning: removing a stale lock {self.lock_path} (its process {pid} is gone)", file=sys.stderr)
                 self.lock_path.unlink(missing_ok=True)
                 continue
             except OSError as error:
@@ -1116,7 +1116,7 @@ def resolve_config(name, args, parser):
                        ("test_sequences", args.test_sequences), ("dsprites_source", args.dsprites)]:
         if value is not None:
             overrides[key] = value
-    if config["data"] != "dsprites":
+    if config.get("data") != "dsprites":
         overrides.pop("dsprites_source", None)          # --dsprites means nothing to MNIST
     unknown = sorted(set(overrides) - set(config))
     if unknown:
@@ -1163,7 +1163,6 @@ def main(argv=None):
         name = resolve_name(args.name)
         args.out = args.out or Path("runs") / name
         config = resolve_config(name, args, parser)
-        validate_config(config)
         records, interrupted = train(config, args.out, args.data_dir or datasets.default_data_dir(), device,
                                      args.resume, args.overwrite)
     except ConfigError as error:
