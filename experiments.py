@@ -542,7 +542,7 @@ class RunFolder:
     def _lock(self):
         for _ in range(2):
             try:
-                descriptor = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                descriptor = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 pid = _read_pid(self.lock_path)
                 if pid is not None and _alive(pid):
