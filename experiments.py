@@ -340,9 +340,10 @@ def image_grid(rows, pad=2, background=0.5):
     return canvas
 
 
-# Ten distinguishable colours for the digit classes of the selectivity map (Figure 3).
+# Ten distinguishable colours for the digit classes of the selectivity map (Figure 3); no grey,
+# which is the colour between cells, and no black, which marks units without a class.
 CLASS_COLOURS = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
-                              [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127],
+                              [148, 103, 189], [140, 86, 75], [227, 119, 194], [255, 255, 255],
                               [188, 189, 34], [23, 190, 207]]) / 255
 
 
