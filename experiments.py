@@ -264,7 +264,7 @@ def evaluate(model, data, config, out_dir, epoch):
                                      "same_class_neighbours": finite[0], "shuffled": finite[1],
                                      "ratio": share / shuffled if None not in finite and shuffled else None}
         write_figure3(model, first_batch, torch.cat(images), t, classes, labels,
-                      config["map_shape"], out_dir, epoch)
+                      config["map_shape"], out_dir, epoch, _scale(config))
     return record
 
 
@@ -291,12 +291,11 @@ def _scale(config):
     return max(1, 84 // image_shape(config)[1])
 
 
-def write_figure3(model, first_batch, images, t, classes, labels, map_shape, out_dir, epoch):
+def write_figure3(model, first_batch, images, t, classes, labels, map_shape, out_dir, epoch, scale):
     """The pictures of the 2-D model (Figure 3) from a pass over the test set.
 
-    images (n, C, H, W) and t (n, d) of the n test digits, classes (n,), labels (d,) each unit's class.
+    images (n, C, H, W) and t (n, d) of the n test digits, classes (n,), labels (d,) each unit's class; pictures enlarged scale×.
     """
-    scale = 3                                                                # 28-pixel digits, enlarged
     write_png(out_dir / f"samples_{epoch:03d}.png", image_grid(list(model.sample(100, 1)[:, 0].split(10))), scale)
     most_active = images[t.abs().argmax(dim=0)]                              # (d, C, H, W)
     write_png(out_dir / f"max_activation_{epoch:03d}.png", image_grid(list(most_active.split(map_shape[1]))), scale)
@@ -688,7 +687,7 @@ def _alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:           # it exists, and belongs to someone else
-        return True
+        pass
     return True
 
 
