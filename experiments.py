@@ -157,9 +157,13 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, overwrite=
     Every epoch: one pass over the training sequences, then a metrics line of
     the epoch's averages; every eval_epochs epochs from epoch 0, and after the
     last, an evaluation on the fixed test sequences with its pictures; then a
-    checkpoint. Ctrl-C or SIGTERM stops after the current step with a
-    checkpoint, and resume=True continues to the same result as an unbroken
-    run. Returns (the run's metrics records, whether a signal stopped it).
+    checkpoint. A checkpoint is also written every CHECKPOINT_EVERY_S seconds
+    within an epoch, so that a run killed without warning (a closed laptop, a
+    job's time limit) loses at most that much. Ctrl-C or SIGTERM stops after
+    the current step with a checkpoint, and resume=True continues to the same
+    result as an unbroken run. max_epochs = 0 only evaluates the untrained
+    model: a baseline for what training adds. Returns (the run's metrics
+    records, whether a signal stopped it).
     """
     validate_config(config)
     device = torch.device(device)
@@ -191,9 +195,10 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, overwrite=
                 state["batch"] += 1
                 state["step"] += 1
                 progress.update(state["batch"] - 1, len(x), state["sums"]["loss"] / state["batch"])
-                if stop.requested:
+                if stop.requested or run.checkpoint_due():
                     run.save(model, optimizer, generator, state)
-                    return run.records, True
+                    if stop.requested:
+                        return run.records, True
             progress.end_epoch()
             run.log(epoch_record(state, config))
             if epoch % config["eval_epochs"] == 0 or epoch == config["max_epochs"] - 1:
@@ -203,6 +208,9 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, overwrite=
             run.save(model, optimizer, generator, state)
             if stop.requested:
                 return run.records, True
+        if config["max_epochs"] == 0 and not resume:
+            model.eval()
+            run.log({"epoch": 0, "step": 0, **evaluate(model, data, config, run.folder, 0)})
     return run.records, False
 
 
@@ -504,6 +512,7 @@ class NonFiniteLoss(RunError):
 # Everything else fixes the model, the data or the test set, and is refused.
 CHANGEABLE_ON_RESUME = ("max_epochs", "eval_epochs", "lr", "momentum", "n_is_samples", "test_sequences", "wandb_on")
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt")
+CHECKPOINT_EVERY_S = 600          # within an epoch: what a run killed without warning can lose
 
 
 class RunFolder:
@@ -579,7 +588,7 @@ class RunFolder:
         _write_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
         if self.config["wandb_on"]:
             self.wandb = _start_wandb(self.config, self.folder)
-        self.started = time.perf_counter()
+        self.started = self.saved_at = time.perf_counter()
         self.wall_before = self.checkpoint["state"]["wall_s"] if self.checkpoint else 0.0
 
     def _read_checkpoint(self):
@@ -669,6 +678,10 @@ class RunFolder:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
                     "rng": rng, "config": self.config}, temporary)
         os.replace(temporary, self.checkpoint_path)
+        self.saved_at = time.perf_counter()
+
+    def checkpoint_due(self):
+        return time.perf_counter() - self.saved_at >= CHECKPOINT_EVERY_S
 
     def checkpoint_note(self):
         return str(self.checkpoint_path) if self.checkpoint_path.exists() else "not written yet"
@@ -749,7 +762,8 @@ def _is_number(value):
 
 _POSITIVE_INT = (lambda v: _is_int(v) and v > 0, "a positive integer")
 _RULES = {
-    "batch_size": _POSITIVE_INT, "max_epochs": _POSITIVE_INT, "eval_epochs": _POSITIVE_INT,
+    "batch_size": _POSITIVE_INT, "eval_epochs": _POSITIVE_INT,
+    "max_epochs": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (0: only evaluate the untrained model)"),
     "n_is_samples": _POSITIVE_INT, "n_caps": _POSITIVE_INT, "cap_dim": _POSITIVE_INT,
     "n_transforms": _POSITIVE_INT,
     "seed": (_is_int, "an integer"),
@@ -941,7 +955,7 @@ def report(folders):
         return [r for r in records if "test_log_likelihood" in r]
 
     def common(folder, config, records, last):
-        epochs = max((r["epoch"] for r in records), default=-1) + 1
+        epochs = sum("train_loss" in r for r in records)             # epochs trained
         return [f"`{config['name']}`", str(epochs), f"{last['step']:,}"], [
             f"{last['wall_s'] / 3600:.2f}" if "wall_s" in last else "–", last.get("device", "–")]
 
@@ -950,7 +964,7 @@ def report(folders):
         tested = evaluations(records)
         if not tested or config["n_transforms"] == 1:
             continue
-        first, last = tested[0], tested[-1]
+        last = tested[-1]
         head, tail = common(folder, config, records, last)
         log_k = math.log(config["n_is_samples"])
         if config["data"] == "mnist":
@@ -959,17 +973,15 @@ def report(folders):
                                  _number(last["test_log_likelihood"] + log_k)] + tail)
         else:
             train_lines = [r for r in records if "capsule_correlation" in r]
-            dsprites.append(head + [config["dsprites_source"],
-                                    f"{_number(first.get('test_eq_error'), 0)} → {_number(last.get('test_eq_error'), 0)}",
+            dsprites.append(head + [config["dsprites_source"], _number(last.get("test_eq_error"), 0),
                                     _number(last["test_log_likelihood"])]
-                            + [f"{a} → {b}" for a, b in zip(_correlation_cells(first, "test_capsule_correlation"),
-                                                            _correlation_cells(last, "test_capsule_correlation"))]
+                            + _correlation_cells(last, "test_capsule_correlation")
                             + _correlation_cells(train_lines[-1] if train_lines else None, "capsule_correlation")
                             + tail)
     table("Table 1: MNIST sequences", ["experiment", "epochs", "steps", "test sequences", "evaluations",
                                        "test E_eq", "test log p(x)", "paper's convention (+log K)",
                                        "hours", "device"], mnist)
-    table("Table 2: dSprites sequences (first evaluation → last)",
+    table("Table 2: dSprites sequences (epochs 0: the untrained model)",
           ["experiment", "epochs", "steps", "sprites", "test E_eq", "test log p(x)",
            "test corr. scale", "orientation", "posX", "posY",
            "train corr. scale (last epoch)", "orientation", "posX", "posY", "hours", "device"], dsprites)
@@ -997,6 +1009,13 @@ def report(folders):
 
 
 # ─── Command line ────────────────────────────────────────────────────────────
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
 
 def _positive_int(text):
     value = int(text)
@@ -1047,8 +1066,9 @@ def parse_args(argv):
                              "from the config.json and metrics.jsonl of these run folders")
     parser.add_argument("--benchmark", action="store_true",
                         help="time a training step of NAME (default tvae_Lhalf_mnist) and the shares of its parts")
-    parser.add_argument("--epochs", type=_positive_int,
-                        help="total number of epochs (max_epochs), counting those already done when resuming")
+    parser.add_argument("--epochs", type=_non_negative_int,
+                        help="total number of epochs (max_epochs), counting those already done when resuming; "
+                             "0 only evaluates the untrained model (a baseline)")
     parser.add_argument("--batch-size", type=_positive_int, help="sequences per batch (batch_size)")
     parser.add_argument("--lr", type=_positive_float, help="SGD learning rate (lr)")
     parser.add_argument("--seed", type=int, help="seed of initialisation, data order and sequences (seed)")

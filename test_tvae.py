@@ -852,6 +852,59 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(signal_numbe
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in the loop catches it, so no checkpoint is written on the way out."""
+
+
+class KillAt(experiments.Progress):
+    def __init__(self, step):
+        super().__init__(io.StringIO())
+        self.step, self.steps = step, 0
+
+    def update(self, batch, sequences, running_loss):
+        self.steps += 1
+        if self.steps == self.step:
+            raise Killed
+
+
+def test_a_run_killed_without_warning_resumes_from_its_last_timed_checkpoint(tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.setattr(experiments, "CHECKPOINT_EVERY_S", 0)           # a timed checkpoint after every step
+    config = quick_config("tvae_Lshort_mnist", max_epochs=1, train_sequences=12)
+    whole, _ = experiments.train(config, tmp_path / "whole", mnist_dir, progress=KillAt(None))
+    with pytest.raises(Killed):
+        experiments.train(config, tmp_path / "parts", mnist_dir, progress=KillAt(2))
+    saved = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["state"]
+    assert (saved["epoch"], saved["step"]) == (0, 1)                      # the step before the kill
+    resumed, _ = experiments.train(config, tmp_path / "parts", mnist_dir, resume=True, progress=KillAt(None))
+    assert [{k: v for k, v in r.items() if k != "wall_s"} for r in resumed] == \
+           [{k: v for k, v in r.items() if k != "wall_s"} for r in whole]
+
+
+def test_epochs_0_evaluates_the_untrained_model_and_the_report_counts_0_epochs(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "0")[0] == 0
+    [record] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 0 and "train_loss" not in record and math.isfinite(record["test_log_likelihood"])
+    assert (tmp_path / "traversal_000.png").exists()
+    assert experiments.main(["--report", str(tmp_path)]) == 0
+    assert "| `tvae_Lshort_mnist` | 0 | 0 |" in capsys.readouterr().out
+
+
+def test_report_prints_table_2_with_the_untrained_and_the_trained_correlations(tmp_path, mnist_dir, rendered,
+                                                                               monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "render_dsprites", lambda: rendered)
+    for folder, epochs in (("untrained", "0"), ("trained", "1")):
+        assert run_cli(capsys, mnist_dir, tmp_path / folder, "--dsprites", "procedural", "--epochs", epochs,
+                       "--test-sequences", "8", name="tvae_Lpartial_dsprites")[0] == 0
+    assert experiments.main(["--report", str(tmp_path / "untrained"), str(tmp_path / "trained")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `tvae_Lpartial_dsprites`")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["0", "0"], ["1", "1"]]
+    for row, folder in zip(rows, ("untrained", "trained")):
+        last = [json.loads(line) for line in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()][-1]
+        test_cells = row.split(" | ")[6:10]
+        assert test_cells == [experiments._number(last["test_capsule_correlation"][k], 2)
+                              for k in ("scale", "orientation", "posX", "posY")]
+
+
 # ─── The run folder survives ordinary mistakes ───────────────────────────────
 
 def run_cli(capsys, mnist_dir, out, *options, name="tvae_Lshort_mnist"):
