@@ -295,8 +295,8 @@ def _correlations(offsets):
 
 
 def _scale(config):
-    """How much a picture is enlarged so that a frame is about 84 pixels high: 3× for MNIST."""
-    return max(1, 84 // image_shape(config)[1])
+    """How much a picture is enlarged: 3× for MNIST's 28-pixel frames, 2× for dSprites' 64."""
+    return max(2, 84 // image_shape(config)[1])
 
 
 def write_figure3(model, first_batch, images, t, classes, labels, map_shape, out_dir, epoch, scale):
