@@ -944,6 +944,9 @@ def report(folders):
     tvae.py Eqs. (10)–(11)); the paper's convention adds log K back.
     """
     runs = [(Path(folder), *read_run(folder)) for folder in folders]
+    paper_order = {name: i for i, name in enumerate(EXPERIMENTS)}
+    runs.sort(key=lambda run: (paper_order.get(run[1]["name"], len(paper_order)),
+                               max((r["step"] for r in run[2]), default=0)))     # as in the paper, untrained first
     lines = []
 
     def table(title, header, rows):
@@ -978,9 +981,9 @@ def report(folders):
                             + _correlation_cells(last, "test_capsule_correlation")
                             + _correlation_cells(train_lines[-1] if train_lines else None, "capsule_correlation")
                             + tail)
-    table("Table 1: MNIST sequences", ["experiment", "epochs", "steps", "test sequences", "evaluations",
-                                       "test E_eq", "test log p(x)", "paper's convention (+log K)",
-                                       "hours", "device"], mnist)
+    table("Table 1: MNIST sequences (epochs 0: the untrained model)",
+          ["experiment", "epochs", "steps", "test sequences", "evaluations", "test E_eq", "test log p(x)",
+           "paper's convention (+log K)", "hours", "device"], mnist)
     table("Table 2: dSprites sequences (epochs 0: the untrained model)",
           ["experiment", "epochs", "steps", "sprites", "test E_eq", "test log p(x)",
            "test corr. scale", "orientation", "posX", "posY",
