@@ -991,7 +991,7 @@ def test_a_checkpoint_is_loaded_as_data_and_never_runs_code(tmp_path, mnist_dir,
 
 
 BAD_VALUES = [["--set", "eval_epochs=0"], ["--set", "n_is_samples=0"], ["--set", "batch_size=-2"],
-              ["--set", "max_epochs=0"], ["--set", "test_sequences=-5"], ["--set", "lr=-1"],
+              ["--set", "max_epochs=-1"], ["--set", "test_sequences=-5"], ["--set", "lr=-1"],
               ["--set", "cap_dim=4"], ["--set", "n_transforms=4"], ["--set", "momentum=1.5"]]
 
 
