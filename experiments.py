@@ -957,21 +957,28 @@ def report(folders):
     def evaluations(records):
         return [r for r in records if "test_log_likelihood" in r]
 
+    def trained(records, evaluation):
+        """Epochs trained before this evaluation (a record's "epoch" counts from 0)."""
+        return sum("train_loss" in r and r["step"] <= evaluation["step"] for r in records)
+
     def common(folder, config, records, last):
-        epochs = sum("train_loss" in r for r in records)             # epochs trained
+        epochs = trained(records, last)
         return [f"`{config['name']}`", str(epochs), f"{last['step']:,}"], [
             f"{last['wall_s'] / 3600:.2f}" if "wall_s" in last else "–", last.get("device", "–")]
 
     mnist, dsprites = [], []
     for folder, config, records in runs:
         tested = evaluations(records)
-        if not tested or config["n_transforms"] == 1:
-            continue
+        paper = config.get("paper", "")
+        if not tested or ("Table 1" not in paper and "Table 2" not in paper):
+            continue                                            # e.g. Figure 4's run: its own table below
         last = tested[-1]
         head, tail = common(folder, config, records, last)
         log_k = math.log(config["n_is_samples"])
+        test_set = "all" if config["test_sequences"] is None else f"{config['test_sequences']:,}"
         if config["data"] == "mnist":
-            mnist.append(head + [config["test_kind"], f"{len(tested)}", _number(last.get("test_eq_error"), 0),
+            mnist.append(head + [f"{config['test_kind']}, {test_set}", f"{len(tested)}",
+                                 _number(last.get("test_eq_error"), 0),
                                  _number(last["test_log_likelihood"]),
                                  _number(last["test_log_likelihood"] + log_k)] + tail)
         else:
@@ -991,19 +998,20 @@ def report(folders):
     for folder, config, records in runs:
         tested = evaluations(records)
         if config["grouper"] == "map2d" and tested:
-            rows = [[str(r["epoch"]), f"{r['step']:,}", _number(r["test_log_likelihood"]),
+            rows = [[str(trained(records, r)), f"{r['step']:,}", _number(r["test_log_likelihood"]),
                      str(r["test_topography"]["selective_units"]),
                      _number(r["test_topography"]["same_class_neighbours"], 3),
                      _number(r["test_topography"]["shuffled"], 3), _number(r["test_topography"]["ratio"], 2),
                      f"{r['wall_s'] / 3600:.2f}"] for r in tested if "test_topography" in r]
             table(f"Figure 3: `{config['name']}` in {folder}, topography over epochs",
-                  ["epoch", "steps", "test log p(x)", "selective units", "same-class neighbours",
+                  ["epochs", "steps", "test log p(x)", "selective units", "same-class neighbours",
                    "shuffled positions", "ratio", "hours"], rows)
         elif len(tested) > 2:
-            rows = [[str(r["epoch"]), f"{r['step']:,}", _number(r["test_log_likelihood"]),
+            test_set = "all" if config["test_sequences"] is None else f"the first {config['test_sequences']:,}"
+            rows = [[str(trained(records, r)), f"{r['step']:,}", _number(r["test_log_likelihood"]),
                      _number(r.get("test_eq_error"), 0), f"{r['wall_s'] / 3600:.2f}"] for r in tested]
-            table(f"`{config['name']}` in {folder}, evaluations over epochs",
-                  ["epoch", "steps", "test log p(x)", "test E_eq", "hours"], rows)
+            table(f"`{config['name']}` in {folder}, evaluations over epochs ({test_set} test sequences)",
+                  ["epochs", "steps", "test log p(x)", "test E_eq", "hours"], rows)
     lines += ["### Last evaluation of each run", ""]
     for folder, config, records in runs:
         tested = evaluations(records)

@@ -1035,6 +1035,19 @@ def test_report_prints_table_1_from_the_runs_files(tmp_path, mnist_dir, capsys):
     last = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][-1]
     assert "### Table 1" in report and "`tvae_Lshort_mnist`" in report and "`nontvae_mnist`" in report
     assert f"{last['test_eq_error']:,.0f}" in report and f"{last['test_log_likelihood'] + math.log(1):,.1f}" in report
+    assert "| `tvae_Lshort_mnist` | 1 | 1 | single, 2 | 1 |" in report          # epochs, steps, test set, evaluations
+
+
+def test_report_keeps_figure_4_out_of_table_1_and_lists_its_evaluations_by_epochs_trained(tmp_path, mnist_dir,
+                                                                                          capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path / "a")[0] == 0
+    assert run_cli(capsys, mnist_dir, tmp_path / "f4", "--epochs", "3", "--set", "eval_epochs=1", name="tvae_Lpartial_mnist")[0] == 0
+    assert experiments.main(["--report", str(tmp_path / "a"), str(tmp_path / "f4")]) == 0
+    table_1, over_epochs = capsys.readouterr().out.split("### Table 1")[1].split("### `tvae_Lpartial_mnist`")
+    assert "`tvae_Lshort_mnist`" in table_1 and "tvae_Lpartial_mnist" not in table_1
+    assert "(the first 2 test sequences)" in over_epochs
+    rows = [line.split(" | ") for line in over_epochs.splitlines() if line[:3] in ("| 1", "| 2", "| 3")]
+    assert [row[:2] for row in rows] == [["| 1", "1"], ["| 2", "2"], ["| 3", "3"]]      # epochs trained, steps
 
 
 def test_unknown_name_exits_2_and_suggests_the_closest(capsys):
