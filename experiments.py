@@ -256,8 +256,9 @@ def evaluate(model, data, config, out_dir, epoch):
     record = {"test_log_likelihood": log_likelihood / (n_sequences * S)}
     if S > 1:
         record["test_eq_error"] = eq_error / n_sequences
+        generator = torch.Generator().manual_seed(config["seed"])    # the same noise every epoch
         rows = [row for i in _traversal_examples(first_labels, config) for row in
-                model.capsule_traversal(first_batch[i], caps, D)]                  # 3 rows per example
+                model.capsule_traversal(first_batch[i], caps, D, generator)]       # 3 rows per example
         write_png(out_dir / f"traversal_{epoch:03d}.png", image_grid(rows), _scale(config))
         write_png(out_dir / f"samples_{epoch:03d}.png", image_grid(list(model.sample(4, S))), _scale(config))
     if offsets:

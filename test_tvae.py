@@ -291,22 +291,45 @@ class Function(torch.nn.Module):
 
 
 def test_capsule_traversal_of_an_equivariant_model_replays_the_sequence():
-    # z's mean is the image itself, u's mean is constant (so is W ⊛ u²) and the
-    # decoder is the identity: t is an affine map of the image. Each image is
-    # two capsules of 5 units; frame k is frame 0 rolled by k units in both, so
-    # the code is exactly equivariant and rolling frame 0's capsules by k must
-    # decode to frame k's reconstruction.
+    # Point posteriors (σ = 0): z is the image itself, u is constant (so is
+    # W ⊛ u²) and the decoder is the identity: t is an affine map of the image.
+    # Each image is two capsules of 5 units; frame k is frame 0 rolled by k
+    # units in both, so the code is exactly equivariant and rolling frame 0's
+    # capsules by k must decode to frame k's reconstruction.
     S, n_caps, D = 5, 2, 5
     grouper = tvae.Grouper(tvae.topographic_kernel(3, 3, 1), S, n_caps, D, mu_init=0.5)
     model = tvae.TVAE((1, n_caps, D), n_caps * D, grouper)
-    model.z_encoder = Function(lambda x: (x, torch.zeros_like(x)))
-    model.u_encoder = Function(lambda x: (torch.ones_like(x), torch.zeros_like(x)))
+    point = torch.tensor(-math.inf)                                   # log σ² of σ = 0
+    model.z_encoder = Function(lambda x: (x, point.expand_as(x)))
+    model.u_encoder = Function(lambda x: (torch.ones_like(x), point.expand_as(x)))
     model.decoder = Function(lambda t: t)
     first = torch.rand(1, n_caps, D)
     x = torch.stack([first.roll(k, dims=2) for k in range(S)])       # (S, 1, n_caps, D)
     inputs, reconstructions, rolled = model.capsule_traversal(x, n_caps, D)
     assert torch.equal(inputs, x) and rolled.shape == reconstructions.shape == x.shape
     assert torch.allclose(rolled, reconstructions)
+
+
+def test_capsule_traversal_decodes_a_posterior_sample_not_the_means():
+    # The reconstructions must be the decoding of z and u drawn as Eq. (6)
+    # draws them, z's noise first, from the generator given; and the roll by 0
+    # is frame 0's reconstruction.
+    S, n_caps, D = 4, 3, 4
+    torch.manual_seed(0)
+    grouper = tvae.Grouper(tvae.topographic_kernel(3, 3, 1), S, n_caps, D, mu_init=2.0)
+    model = tvae.TVAE((1, 6, 6), n_caps * D, grouper)
+    x = torch.rand(S, 1, 6, 6)
+    _, reconstructions, rolled = model.capsule_traversal(x, n_caps, D, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    _, q_z, q_u = model.encode(x[None])
+    z = tvae.reparameterise(*q_z, torch.randn(S, n_caps * D, generator=generator))
+    u = tvae.reparameterise(*q_u, torch.randn(S, n_caps * D, generator=generator))
+    with torch.no_grad():
+        expected = model.decoder(model.group(z, u)).view(S, 1, 6, 6)
+    assert torch.allclose(reconstructions, expected)
+    assert torch.allclose(rolled[0], reconstructions[0])
+    again = model.capsule_traversal(x, n_caps, D, torch.Generator().manual_seed(7))
+    assert torch.equal(again[1], reconstructions)
 
 
 def test_capsule_offsets_recover_the_true_index_of_a_rolled_code():

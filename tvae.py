@@ -345,18 +345,25 @@ class TVAE(nn.Module):
         return probs.view(n_sequences, n_transforms, *self.image_shape)
 
     @torch.no_grad()
-    def capsule_traversal(self, x, n_caps, cap_dim):
+    def capsule_traversal(self, x, n_caps, cap_dim, generator=None):
         """The picture of Figures 1, 4, 6, 22 and 23 for one sequence x (S, C, H, W).
 
         Returns three image stacks: the S input frames, their reconstructions,
         and the decodings of frame 0's latent rolled within every capsule by
         0, 1, …, cap_dim − 1 (unit i moves to i + k, the direction of Eq. (9)).
-        An equivariant model makes the last row replay the sequence. The
-        latents are computed from the posterior means, so the picture does not
-        change from one call to the next.
+        An equivariant model makes the last row replay the sequence.
+        t is one draw from the posterior, Eq. (6), as in training: z's noise,
+        then u's, from generator (a CPU torch.Generator; a fixed seed gives
+        the same picture every call). Not the posterior means: a trained
+        model's mu is large (≈ 30), so its code lies in the size of u, whose
+        mean is near 0 in most units. The means give W ⊛ u² ≈ 0 in Eq. (2), a
+        t far larger than any the decoder has seen, and saturated frames.
         """
-        _, (z_mean, _), q_u = self.encode(x[None])
-        t = self.group(z_mean, q_u[0] if q_u is not None else None)                  # (S, d)
+        _, q_z, q_u = self.encode(x[None])                                            # (S, d) each
+        z, u = (None if q is None else
+                reparameterise(*q, torch.randn(q[0].shape, generator=generator).to(q[0].device))
+                for q in (q_z, q_u))
+        t = self.group(z, u)                                                          # (S, d), Eq. (2)
         reconstructions = self.decoder(t).view(-1, *self.image_shape)
         capsules = t[0].view(n_caps, cap_dim)
         rolled = torch.stack([capsules.roll(k, dims=1).flatten() for k in range(cap_dim)])  # (cap_dim, d)
