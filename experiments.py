@@ -958,12 +958,12 @@ def report(folders):
     def evaluations(records):
         return [r for r in records if "test_log_likelihood" in r]
 
-    def trained(records, evaluation):
-        """Epochs trained before this evaluation (a record's "epoch" counts from 0)."""
-        return sum("train_loss" in r and r["step"] <= evaluation["step"] for r in records)
+    def trained(evaluation):
+        """Epochs trained before this evaluation: "epoch" counts from 0, and the untrained model is at step 0."""
+        return evaluation["epoch"] + 1 if evaluation["step"] > 0 else 0
 
     def common(folder, config, records, last):
-        epochs = trained(records, last)
+        epochs = trained(last)
         return [f"`{config['name']}`", str(epochs), f"{last['step']:,}"], [
             f"{last['wall_s'] / 3600:.2f}" if "wall_s" in last else "–", last.get("device", "–")]
 
@@ -999,7 +999,7 @@ def report(folders):
     for folder, config, records in runs:
         tested = evaluations(records)
         if config["grouper"] == "map2d" and tested:
-            rows = [[str(trained(records, r)), f"{r['step']:,}", _number(r["test_log_likelihood"]),
+            rows = [[str(trained(r)), f"{r['step']:,}", _number(r["test_log_likelihood"]),
                      str(r["test_topography"]["selective_units"]),
                      _number(r["test_topography"]["same_class_neighbours"], 3),
                      _number(r["test_topography"]["shuffled"], 3), _number(r["test_topography"]["ratio"], 2),
@@ -1009,7 +1009,7 @@ def report(folders):
                    "shuffled positions", "ratio", "hours"], rows)
         elif len(tested) > 2:
             test_set = "all" if config["test_sequences"] is None else f"the first {config['test_sequences']:,}"
-            rows = [[str(trained(records, r)), f"{r['step']:,}", _number(r["test_log_likelihood"]),
+            rows = [[str(trained(r)), f"{r['step']:,}", _number(r["test_log_likelihood"]),
                      _number(r.get("test_eq_error"), 0), f"{r['wall_s'] / 3600:.2f}"] for r in tested]
             table(f"`{config['name']}` in {folder}, evaluations over epochs ({test_set} test sequences)",
                   ["epochs", "steps", "test log p(x)", "test E_eq", "hours"], rows)

@@ -1065,6 +1065,10 @@ def test_report_keeps_figure_4_out_of_table_1_and_lists_its_evaluations_by_epoch
                                                                                           capsys):
     assert run_cli(capsys, mnist_dir, tmp_path / "a")[0] == 0
     assert run_cli(capsys, mnist_dir, tmp_path / "f4", "--epochs", "3", "--set", "eval_epochs=1", name="tvae_Lpartial_mnist")[0] == 0
+    # A run continued from another run's checkpoint lacks the training lines of the epochs before it.
+    metrics = tmp_path / "f4" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(line for line in lines if '"train_loss"' not in line or '"epoch": 2' in line))
     assert experiments.main(["--report", str(tmp_path / "a"), str(tmp_path / "f4")]) == 0
     table_1, over_epochs = capsys.readouterr().out.split("### Table 1")[1].split("### `tvae_Lpartial_mnist`")
     assert "`tvae_Lshort_mnist`" in table_1 and "tvae_Lpartial_mnist" not in table_1
