@@ -962,9 +962,8 @@ def report(folders):
         """Epochs trained before this evaluation: "epoch" counts from 0, and the untrained model is at step 0."""
         return evaluation["epoch"] + 1 if evaluation["step"] > 0 else 0
 
-    def common(folder, config, records, last):
-        epochs = trained(last)
-        return [f"`{config['name']}`", str(epochs), f"{last['step']:,}"], [
+    def common(config, last):
+        return [f"`{config['name']}`", str(trained(last)), f"{last['step']:,}"], [
             f"{last['wall_s'] / 3600:.2f}" if "wall_s" in last else "–", last.get("device", "–")]
 
     mnist, dsprites = [], []
@@ -974,7 +973,7 @@ def report(folders):
         if not tested or ("Table 1" not in paper and "Table 2" not in paper):
             continue                                            # e.g. Figure 4's run: its own table below
         last = tested[-1]
-        head, tail = common(folder, config, records, last)
+        head, tail = common(config, last)
         log_k = math.log(config["n_is_samples"])
         test_set = "all" if config["test_sequences"] is None else f"{config['test_sequences']:,}"
         if config["data"] == "mnist":

@@ -354,15 +354,16 @@ class TVAE(nn.Module):
         An equivariant model makes the last row replay the sequence.
         t is one draw from the posterior, Eq. (6), as in training: z's noise,
         then u's, from generator (a CPU torch.Generator; a fixed seed gives
-        the same picture every call). Not the posterior means: a trained
-        model's mu is large (≈ 30), so its code lies in the size of u, whose
-        mean is near 0 in most units. The means give W ⊛ u² ≈ 0 in Eq. (2), a
-        t far larger than any the decoder has seen, and saturated frames.
+        the same picture every call). Not the posterior means: mu is large
+        (30 at initialisation, and it stays near there), so the code lies in
+        the size of u, whose mean is near 0 in most units. The means give
+        W ⊛ u² ≈ 0 in Eq. (2), a t far larger than any the decoder has seen,
+        and saturated frames.
         """
-        _, q_z, q_u = self.encode(x[None])                                            # (S, d) each
-        z, u = (None if q is None else
-                reparameterise(*q, torch.randn(q[0].shape, generator=generator).to(q[0].device))
-                for q in (q_z, q_u))
+        _, q_z, q_u = self.encode(x[None])                                            # (mean, logvar), (S, d) each
+        noise = lambda mean: torch.randn(mean.shape, generator=generator).to(mean.device)   # (S, d)
+        z = reparameterise(*q_z, noise(q_z[0]))                                       # (S, d), Eq. (6)
+        u = reparameterise(*q_u, noise(q_u[0])) if q_u is not None else None          # the VAE: no u
         t = self.group(z, u)                                                          # (S, d), Eq. (2)
         reconstructions = self.decoder(t).view(-1, *self.image_shape)
         capsules = t[0].view(n_caps, cap_dim)
