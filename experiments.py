@@ -154,15 +154,14 @@ def train_step(model, optimizer, x, config):
 def train(config, out_dir, data_dir=None, device="cpu", resume=False, overwrite=False, progress=None):
     """Train one experiment for config['max_epochs'] epochs, writing its files into out_dir.
 
-    Every epoch: one pass over the training sequences, then a metrics line of
-    the epoch's averages; every eval_epochs epochs from epoch 0, and after the
-    last, an evaluation on the fixed test sequences with its pictures; then a
-    checkpoint. A checkpoint is also written every CHECKPOINT_EVERY_S seconds
-    within an epoch, so that a run killed without warning (a closed laptop, a
-    job's time limit) loses at most that much. Ctrl-C or SIGTERM stops after
-    the current step with a checkpoint, and resume=True continues to the same
-    result as an unbroken run. max_epochs = 0 only evaluates the untrained
-    model: a baseline for what training adds. Returns (the run's metrics
+    Before training and after every eval_epochs epochs (and after the last), an
+    evaluation on the fixed test sequences with its pictures; after every epoch,
+    a metrics line of the epoch's averages and a checkpoint. A checkpoint is
+    also written every CHECKPOINT_EVERY_S seconds within an epoch, so that a run
+    killed without warning loses at most that much. Ctrl-C or SIGTERM stops
+    after the current step with a checkpoint, and resume=True continues to the
+    same result as an unbroken run. Epochs are counted as epochs trained: the
+    evaluation at epoch 0 is the untrained model. Returns (the run's metrics
     records, whether a signal stopped it).
     """
     validate_config(config)
@@ -175,19 +174,25 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, overwrite=
         data = load_data(config, data_dir, device)
         state = run.restore(model, optimizer, generator, device)        # epoch, batch, step, plan, sums
         progress = progress or Progress()
-        while state["epoch"] < config["max_epochs"]:
-            epoch = state["epoch"]
+        while True:
+            if evaluation_due(state, config):
+                model.eval()
+                run.log({"epoch": state["epoch"], "step": state["step"],
+                         **evaluate(model, data, config, run.folder, state["epoch"])})
+                state["evaluated"] = state["epoch"]
+                run.save(model, optimizer, generator, state)
+            if state["epoch"] >= config["max_epochs"] or stop.requested:
+                return run.records, stop.requested
             if state["plan"] is None:       # a new epoch: every training sequence once, in a new order
                 state.update(plan=data.plan_epoch(generator), batch=0, sums=dict.fromkeys(TERMS, 0.0), offsets=[])
-            plan = state["plan"]                                         # (n_batches, B, k) what to draw
             model.train()
-            progress.start_epoch(epoch, config["max_epochs"], len(plan), state["batch"])
-            for rows in plan[state["batch"]:]:
+            progress.start_epoch(state["epoch"], config["max_epochs"], len(state["plan"]), state["batch"])
+            for rows in state["plan"][state["batch"]:]:
                 x, labels = data.batch(rows, generator)                  # (B, S, C, H, W), (B, S, ...)
                 try:
                     values, t = train_step(model, optimizer, x, config)
                 except NonFiniteLoss as error:
-                    raise NonFiniteLoss(f"{error} at epoch {epoch + 1}, step {state['step'] + 1}; "
+                    raise NonFiniteLoss(f"{error} in epoch {state['epoch'] + 1}, step {state['step'] + 1}; "
                                         f"the last good checkpoint is {run.checkpoint_note()}") from None
                 if config["data"] == "dsprites":
                     state["offsets"].append(tvae.capsule_offsets(t, labels, config["n_caps"], config["cap_dim"]))
@@ -200,18 +205,17 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, overwrite=
                     if stop.requested:
                         return run.records, True
             progress.end_epoch()
+            state["epoch"] += 1
             run.log(epoch_record(state, config))
-            if epoch % config["eval_epochs"] == 0 or epoch == config["max_epochs"] - 1:
-                model.eval()
-                run.log({"epoch": epoch, "step": state["step"], **evaluate(model, data, config, run.folder, epoch)})
-            state.update(epoch=epoch + 1, plan=None)
+            state["plan"] = None
             run.save(model, optimizer, generator, state)
-            if stop.requested:
-                return run.records, True
-        if config["max_epochs"] == 0 and not resume:
-            model.eval()
-            run.log({"epoch": 0, "step": 0, **evaluate(model, data, config, run.folder, 0)})
-    return run.records, False
+
+
+def evaluation_due(state, config):
+    """Evaluate at epochs trained 0, eval_epochs, 2·eval_epochs, … and at the last, each once."""
+    epoch = state["epoch"]
+    due = epoch % config["eval_epochs"] == 0 or epoch == config["max_epochs"]
+    return due and state["evaluated"] != epoch
 
 
 def epoch_record(state, config):
@@ -239,12 +243,16 @@ def evaluate(model, data, config, out_dir, epoch):
     S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
     n_sequences = log_likelihood = eq_error = 0.0
     offsets, first_batch, images, codes, digit_classes = [], None, [], [], []
+    roll_sums = {}                                  # transformation kind → Σ (E_static, E_roll, E_self)
     for x, labels, classes in data.test_batches(max(config["batch_size"], 32)):
         out = model(x)
         log_likelihood += model.log_likelihood(x, config["n_is_samples"]).sum().item()
         n_sequences += len(x)
         if S > 1:
             eq_error += tvae.equivariance_error(out["t"], S, caps, D).item() * len(x)
+            errors = tvae.roll_errors(model.decoder, x, out["t"], out["probs"], caps, D).cpu()   # (B, 3)
+            for kind, error in zip(sequence_kinds(labels, config), errors):
+                roll_sums[kind] = roll_sums.get(kind, 0) + error
         if first_batch is None:
             first_batch, first_labels = x, labels
         if config["data"] == "dsprites":
@@ -253,9 +261,12 @@ def evaluate(model, data, config, out_dir, epoch):
             images.append(x.flatten(0, 1).cpu())
             codes.append(out["t"].cpu())
             digit_classes.append(classes.cpu())
-    record = {"test_log_likelihood": log_likelihood / (n_sequences * S)}
+    record = {"test_sequences": int(n_sequences), "test_log_likelihood": log_likelihood / (n_sequences * S)}
     if S > 1:
         record["test_eq_error"] = eq_error / n_sequences
+        gains = {kind: tvae.roll_gains(roll_sums[kind]) for kind in sorted(roll_sums, key=KINDS.index)}
+        record["test_roll_gain"] = {kind: roll.item() for kind, (roll, own) in gains.items()}
+        record["test_self_gain"] = {kind: own.item() for kind, (roll, own) in gains.items()}
         generator = torch.Generator().manual_seed(config["seed"])    # the same noise every epoch
         rows = [row for i in _traversal_examples(first_labels, config) for row in
                 model.capsule_traversal(first_batch[i], caps, D, generator)]       # 3 rows per example
@@ -277,6 +288,22 @@ def evaluate(model, data, config, out_dir, epoch):
     return record
 
 
+# The transformation a test sequence walks: MNIST 'single' picks one of three, 'dual' and
+# 'perspective' walk two together, and a dSprites sequence moves one factor.
+KINDS = ("rotation", "scale", "hue", "rotation+hue", "perspective+hue", "orientation", "posX", "posY")
+DSPRITES_FACTORS = {1: "scale", 2: "orientation", 3: "posX", 4: "posY"}
+
+
+def sequence_kinds(labels, config):
+    """The name of the transformation each sequence of a test batch walks (its roll gain's row)."""
+    if config["data"] == "dsprites":
+        moving = (labels[:, 1] != labels[:, 0]).int().argmax(dim=1)        # the factor that changes, (B,)
+        return [DSPRITES_FACTORS[f] for f in moving.tolist()]
+    if config["test_kind"] == "single":
+        return [KINDS[k] for k in labels["transform"].tolist()]            # 0 rotation, 1 scale, 2 hue
+    return [{"dual": "rotation+hue", "perspective": "perspective+hue"}[config["test_kind"]]] * len(labels["transform"])
+
+
 def _traversal_examples(labels, config):
     """Which test sequences of the first batch get a traversal: one per transformation for MNIST 'single'."""
     if config["test_kind"] != "single":
@@ -289,7 +316,7 @@ def _correlations(offsets):
     """Per factor, the Pearson correlation of estimated and true capsule offsets (Table 2)."""
     factor, estimate, truth = (torch.cat(part) for part in zip(*offsets))
     correlations = {}
-    for f, name in {1: "scale", 2: "orientation", 3: "posX", 4: "posY"}.items():
+    for f, name in DSPRITES_FACTORS.items():
         r = tvae.pearson(estimate[factor == f], truth[factor == f]).item()
         correlations[name] = r if math.isfinite(r) else None    # None: too few or constant offsets
     return correlations
@@ -578,7 +605,7 @@ class RunFolder:
         if self.resume:
             self.checkpoint = self._read_checkpoint()
             self._check_changes(self.checkpoint["config"])
-            self.records = self._read_metrics(before_epoch=self.checkpoint["state"]["epoch"])
+            self.records = self.checkpoint["metrics"]
         elif holds_run and not self.overwrite:
             raise RunError(f"--out {self.folder} holds a run already: continue it with --resume, "
                            f"or replace it with --overwrite")
@@ -615,22 +642,6 @@ class RunFolder:
                            f"asked {json.dumps(new)}); start a new run with another --out")
         self.changes = changed
 
-    def _read_metrics(self, before_epoch):
-        """The metrics lines of the epochs the checkpoint holds; a torn last line is dropped with a warning."""
-        if not self.metrics_path.exists():
-            return []
-        lines = self.metrics_path.read_text().splitlines()
-        records = []
-        for number, line in enumerate(lines, 1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number < len(lines):
-                    raise RunError(f"--resume: line {number} of {self.metrics_path} is not JSON; "
-                                   f"repair or delete that line") from None
-                print(f"warning: dropping the unfinished last line of {self.metrics_path}", file=sys.stderr)
-        return [r for r in records if r["epoch"] < before_epoch]
-
     def restore(self, model, optimizer, generator, device):
         """The run's state: fresh, or the checkpoint's (weights, optimizer, RNGs) with the allowed changes applied.
 
@@ -639,7 +650,8 @@ class RunFolder:
         where = f"{self.config['name']}: {self.config['paper']}; {self.device}; "
         if self.checkpoint is None:
             print(where + f"writing to {self.folder}", file=sys.stderr)
-            return {"epoch": 0, "batch": 0, "step": 0, "plan": None, "sums": None, "offsets": [], "wall_s": 0.0}
+            return {"epoch": 0, "batch": 0, "step": 0, "plan": None, "sums": None, "offsets": [], "wall_s": 0.0,
+                    "evaluated": -1}
         model.load_state_dict(self.checkpoint["model"])
         optimizer.load_state_dict(self.checkpoint["optimizer"])
         for group in optimizer.param_groups:      # what config.json says is what runs from here
@@ -651,7 +663,7 @@ class RunFolder:
             torch.cuda.set_rng_state(rng["cuda"], device)
         state = self.checkpoint["state"]
         changes = "; ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in self.changes.items())
-        print(where + f"resuming {self.folder} at epoch {state['epoch'] + 1}, step {state['step']}"
+        print(where + f"resuming {self.folder} after {state['epoch']} epochs, step {state['step']}"
               + (f", with {changes}" if changes else ""), file=sys.stderr)
         self.checkpoint = None                    # free the memory; the state lives on in the loop
         return state
@@ -677,7 +689,7 @@ class RunFolder:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         temporary = self.checkpoint_path.with_name("checkpoint.pt.tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                    "rng": rng, "config": self.config}, temporary)
+                    "rng": rng, "config": self.config, "metrics": self.records}, temporary)
         os.replace(temporary, self.checkpoint_path)
         self.saved_at = time.perf_counter()
 
@@ -959,8 +971,7 @@ def report(folders):
         return [r for r in records if "test_log_likelihood" in r]
 
     def trained(evaluation):
-        """Epochs trained before this evaluation: "epoch" counts from 0, and the untrained model is at step 0."""
-        return evaluation["epoch"] + 1 if evaluation["step"] > 0 else 0
+        return evaluation["epoch"]
 
     def common(config, last):
         return [f"`{config['name']}`", str(trained(last)), f"{last['step']:,}"], [

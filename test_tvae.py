@@ -332,6 +332,50 @@ def test_capsule_traversal_decodes_a_posterior_sample_not_the_means():
     assert torch.equal(again[1], reconstructions)
 
 
+def equivariant_toy(roll_direction=1):
+    """Sequences whose frame l is the decoding of Roll_l t_0: a fixed decoder, codes rolled per frame.
+
+    Returns the arguments of tvae.roll_errors: (decoder, x, t, probs, n_caps, cap_dim).
+    """
+    B, S, n_caps, D = 3, 6, 2, 6
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Linear(n_caps * D, 20), torch.nn.Sigmoid())
+    first = torch.randn(B, n_caps, D)
+    t = torch.stack([first.roll(roll_direction * l, dims=2) for l in range(S)], dim=1).view(B * S, -1)
+    with torch.no_grad():
+        probs = decoder(t)
+    return decoder, probs.view(B, S, 1, 4, 5), t, probs, n_caps, D
+
+
+def test_roll_gain_of_an_exactly_equivariant_code_equals_its_own_code_gain():
+    with torch.no_grad():
+        errors = tvae.roll_errors(*equivariant_toy())                     # (B, 3): static, roll, self
+    roll, own = tvae.roll_gains(errors.sum(dim=0))
+    assert errors[:, 0].min() > 0 and torch.equal(errors[:, 1], errors[:, 2])
+    assert roll.item() == own.item() == 1.0
+
+
+def test_roll_gain_of_codes_rolled_the_other_way_falls_short_of_the_own_code_gain():
+    with torch.no_grad():
+        roll, own = tvae.roll_gains(tvae.roll_errors(*equivariant_toy(roll_direction=-1)).sum(dim=0))
+    assert own.item() == 1.0 and roll.item() < 0.5
+
+
+def test_roll_gain_of_an_untrained_model_is_near_zero():
+    torch.manual_seed(0)
+    S, n_caps, D = 18, 18, 18
+    grouper = tvae.Grouper(tvae.topographic_kernel(13, 13, 1), S, n_caps, D, mu_init=30.0)
+    model = tvae.TVAE((3, 28, 28), n_caps * D, grouper)
+    digits = torch.zeros(16, 28, 28)
+    digits[:, 8:20, 11:17] = torch.rand(16, 12, 6)
+    x, _ = datasets.mnist_sequences(digits, "single", colour=True, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x)
+        errors = tvae.roll_errors(model.decoder, x, out["t"], out["probs"], n_caps, D)
+    roll, own = tvae.roll_gains(errors.sum(dim=0))
+    assert abs(roll.item()) < 0.05 and abs(own.item()) < 0.05
+
+
 def test_capsule_offsets_recover_the_true_index_of_a_rolled_code():
     B, S, caps, D = 6, 15, 4, 15
     # A sequence whose frame i is frame 0 rolled by i; the factor starts at index j0 and wraps at 15.
@@ -829,17 +873,20 @@ def test_every_experiment_runs_one_short_epoch_end_to_end(name, tmp_path, mnist_
     assert not interrupted
     saved = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert saved == records and all({"epoch", "step"} <= r.keys() for r in saved)
-    train_line, test_line = saved
+    untrained, train_line, test_line = saved                 # evaluated before and after the epoch
+    assert [r["epoch"] for r in saved] == [0, 1, 1] and untrained.keys() == test_line.keys()
     for key in ("train_loss", "train_nll", "train_kl", "test_log_likelihood"):
         assert math.isfinite((train_line | test_line)[key])
     if config["n_transforms"] > 1:
         assert math.isfinite(train_line["train_eq_error"]) and math.isfinite(test_line["test_eq_error"])
-        assert (tmp_path / "traversal_000.png").exists() and (tmp_path / "samples_000.png").exists()
+        assert set(test_line["test_roll_gain"]) == set(test_line["test_self_gain"])
+        assert all(math.isfinite(v) for v in test_line["test_roll_gain"].values())
+        assert (tmp_path / "traversal_001.png").exists() and (tmp_path / "samples_001.png").exists()
     if config["data"] == "dsprites":
         assert set(train_line["capsule_correlation"]) == {"scale", "orientation", "posX", "posY"}
     if config["grouper"] == "map2d":
         for picture in ("samples", "max_activation", "selectivity", "reconstruction"):
-            assert (tmp_path / f"{picture}_000.png").exists()
+            assert (tmp_path / f"{picture}_001.png").exists()
     assert json.loads((tmp_path / "config.json").read_text())["name"] == name
     assert (tmp_path / "checkpoint.pt").exists()
 
@@ -951,8 +998,8 @@ def test_overwrite_replaces_the_old_run_leaving_nothing_of_it(tmp_path, mnist_di
     assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "2", "--set", "eval_epochs=1")[0] == 0
     assert (tmp_path / "traversal_001.png").exists()
     assert run_cli(capsys, mnist_dir, tmp_path, "--overwrite")[0] == 0
-    assert not (tmp_path / "traversal_001.png").exists()
-    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 0]
+    assert not (tmp_path / "traversal_002.png").exists()
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 1]
 
 
 def test_resume_under_another_experiment_name_is_refused(tmp_path, mnist_dir, capsys):
@@ -995,14 +1042,13 @@ def test_a_folder_locked_by_a_live_run_is_refused_and_a_stale_lock_is_replaced(t
     assert status == 0 and any("lock" in line for line in err) and not (tmp_path / ".lock").exists()
 
 
-def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, mnist_dir, capsys):
+def test_a_torn_last_metrics_line_is_replaced_on_resume_by_the_checkpoints_metrics(tmp_path, mnist_dir, capsys):
     assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"epoch": 1, "st')                                     # a write cut short
-    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2")
-    assert status == 0 and any("unfinished last line" in line for line in err)
+    assert run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2")[0] == 0
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 0, 1, 1]
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 1, 2, 2]
 
 
 def test_a_checkpoint_is_loaded_as_data_and_never_runs_code(tmp_path, mnist_dir, capsys):
@@ -1058,7 +1104,7 @@ def test_report_prints_table_1_from_the_runs_files(tmp_path, mnist_dir, capsys):
     last = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][-1]
     assert "### Table 1" in report and "`tvae_Lshort_mnist`" in report and "`nontvae_mnist`" in report
     assert f"{last['test_eq_error']:,.0f}" in report and f"{last['test_log_likelihood'] + math.log(1):,.1f}" in report
-    assert "| `tvae_Lshort_mnist` | 1 | 1 | single, 2 | 1 |" in report          # epochs, steps, test set, evaluations
+    assert "| `tvae_Lshort_mnist` | 1 | 1 | single, 2 | 2 |" in report          # epochs, steps, test set, evaluations
 
 
 def test_report_keeps_figure_4_out_of_table_1_and_lists_its_evaluations_by_epochs_trained(tmp_path, mnist_dir,

@@ -43,7 +43,13 @@ Metrics. t̂ is each capsule divided by its L2 norm; Roll_k moves unit i to i + 
   (10) w_k = log p(x|t_k) + log p(z_k) + log p(u_k) − log q(z_k|x) − log q(u_k|x)
   (11) log p(x) ≈ logsumexp_k w_k − log K,  z_k, u_k ~ q (K importance samples)
 The authors' code leaves out − log K: its figures are log K (2.30 nats for K = 10)
-higher. E_eq is in Tables 1 and 2, log p(x) in Table 1.
+higher. E_eq is in Tables 1 and 2, log p(x) in Table 1. Figure 4's claim, that
+rolling frame 0's capsules replays the input, as one number per transformation:
+  (12) roll gain = Σ (E_static − E_roll) / Σ E_static,  own-code gain = Σ (E_static − E_self) / Σ E_static
+with E_static, E_roll, E_self the squared errors of decode(t_0), decode(Roll_l t_0) and
+decode(t_l) against frame l, summed over frames l ≥ 1 and sequences. 0: rolling is
+no better than standing still; equal to the own-code gain (its ceiling): the roll
+predicts each frame as well as encoding that frame does.
 
 Symbols, paper → code:
   z, u, t     z, u, t; (N, d) tensors (the authors' code calls t "s")
@@ -401,6 +407,35 @@ def equivariance_error(t, n_transforms, n_caps, cap_dim):
     unrolled = t.gather(3, source).flatten(2)                     # a: a[l, i] = t̂[l, i + l], (B, S, d)
     distances = torch.cdist(unrolled, unrolled, p=1)              # (B, S, S), symmetric
     return distances.sum(dim=(1, 2)).mean() / 2                   # each pair l0 < l1 once
+
+
+def roll_errors(decoder, x, t, probs, n_caps, cap_dim):
+    """The three predictions of Eq. (12) for frames 1…S−1 of each sequence: their squared errors.
+
+    x (B, S, C, H, W) the input sequences; t (N, d) one posterior sample of their
+    codes (Eq. (6)) and probs (N, C·H·W) its decoding, as TVAE.forward returns them;
+    decoder maps codes (M, d) to pixel probabilities (M, C·H·W). Every frame l ≥ 1
+    is predicted three ways: decode(t_0) (static: nothing moves), decode(Roll_l t_0)
+    (every capsule of frame 0 rolled by l, unit i to i + l, the direction of
+    Eq. (9) and of capsule_traversal) and decode(t_l) (its own code). The error
+    is the squared error, summed over pixels and frames: it is zero exactly when
+    a prediction is the frame, whereas the Bernoulli NLL of Eq. (5) has a floor
+    (the entropy of the grey values themselves) that would shrink every gain.
+    Returns (B, 3): E_static, E_roll, E_self per sequence.
+    """
+    B, S = x.shape[:2]
+    capsules = t.view(B, S, n_caps, cap_dim)[:, 0]                   # t_0, (B, n_caps, cap_dim)
+    rolled = torch.stack([capsules.roll(l, dims=2) for l in range(S)], dim=1)   # Roll_l t_0
+    predicted = decoder(rolled.view(B * S, -1)).view(B, S, -1)       # (B, S, C·H·W); l = 0: static
+    target = x.flatten(2)[:, 1:]                                     # frames 1…S−1, (B, S−1, C·H·W)
+    static, roll, own = predicted[:, :1], predicted[:, 1:], probs.view(B, S, -1)[:, 1:]
+    return torch.stack([((p - target) ** 2).sum(dim=(1, 2)) for p in (static, roll, own)], dim=1)
+
+
+def roll_gains(errors):
+    """Eq. (12) from summed errors (…, 3) of roll_errors: (roll gain, own-code gain), each (…)."""
+    static, roll, own = errors.unbind(dim=-1)
+    return (static - roll) / static, (static - own) / static
 
 
 def capsule_offsets(t, labels, n_caps, cap_dim):
