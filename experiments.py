@@ -37,7 +37,7 @@ import tvae  # noqa: E402
 # 10 importance samples for log p(x).
 _COMMON = dict(lr=1e-4, momentum=0.9, batch_size=8, max_epochs=100, eval_epochs=5,
                n_is_samples=10, eps=1e-6, mu_init=30.0, n_off_diag=None, map_shape=None,
-               train_sequences=None, test_sequences=None, wandb_on=False)
+               train_sequences=None, test_sequences=None, wandb_on=False, table=None)
 # MNIST: 18 capsules of 18 units; sequences of S = 18 frames of 28×28 digits, RGB
 # (the digit in the red channel) because the hue may change (datasets.py).
 _MNIST = dict(_COMMON, data="mnist", train_kind="single", test_kind="single",
@@ -71,12 +71,12 @@ EXPERIMENTS = {
                           group_kernel=(5, 5), mu_init=10.0, batch_size=128, max_epochs=250,
                           seed=1, paper="Figure 3 (2-D topographic map)"),
     # Table 1 and Figure 4, MNIST, S = 18: L = 18/36 = 1/2, 13/36, 5/36; K = 3 throughout.
-    "tvae_Lhalf_mnist": dict(_MNIST, **_shifting(18, 1), seed=1, paper="Table 1, L=1/2"),
+    "tvae_Lhalf_mnist": dict(_MNIST, table="Table 1", **_shifting(18, 1), seed=1, paper="Table 1, L=1/2"),
     "tvae_Lpartial_mnist": dict(_MNIST, **_shifting(13, 1), seed=2, paper="Figure 4 (MNIST), L=13/36"),
-    "tvae_Lshort_mnist": dict(_MNIST, **_shifting(5, 1), seed=2, paper="Table 1, L=5/36"),
-    "bubbles_mnist": dict(_MNIST, **_stationary(5, 3), seed=1, paper="Table 1, Bubbles"),
-    "tvae_L0_mnist": dict(_MNIST, **_stationary(1, 3), seed=1, paper="Table 1, L=0"),
-    "nontvae_mnist": dict(_MNIST, **_VAE, seed=1, paper="Table 1, VAE"),
+    "tvae_Lshort_mnist": dict(_MNIST, table="Table 1", **_shifting(5, 1), seed=2, paper="Table 1, L=5/36"),
+    "bubbles_mnist": dict(_MNIST, table="Table 1", **_stationary(5, 3), seed=1, paper="Table 1, Bubbles"),
+    "tvae_L0_mnist": dict(_MNIST, table="Table 1", **_stationary(1, 3), seed=1, paper="Table 1, L=0"),
+    "nontvae_mnist": dict(_MNIST, table="Table 1", **_VAE, seed=1, paper="Table 1, VAE"),
     # Figures 1, 6, Section B.4: trained on one transformation at a time, tested on rotation and colour together.
     "tvae_Lpartial_mnist_generalization": dict(
         _MNIST, **_shifting(13, 1), test_kind="dual", seed=2,
@@ -87,12 +87,12 @@ EXPERIMENTS = {
                                             test_kind="perspective", seed=1,
                                             paper="Figure 22 (perspective+colour)"),
     # Table 2 and Figure 4, dSprites, S = 15: L = 15/30 = 1/2, 10/30 = 1/3, 5/30 = 1/6; K = 1.
-    "tvae_Lhalf_dsprites": dict(_DSPRITES, **_shifting(15, 0), paper="Table 2, L=1/2"),
-    "tvae_Lpartial_dsprites": dict(_DSPRITES, **_shifting(10, 0), paper="Figure 4 (dSprites), Table 2, L=1/3"),
-    "tvae_Lshort_dsprites": dict(_DSPRITES, **_shifting(5, 0), paper="Table 2, L=1/6"),
-    "bubbles_dsprites": dict(_DSPRITES, **_stationary(5, 5), paper="Table 2, Bubbles"),
-    "tvae_L0_dsprites": dict(_DSPRITES, **_stationary(1, 3), eps=1e-3, paper="Table 2, L=0"),
-    "nontvae_dsprites": dict(_DSPRITES, **_VAE, paper="Table 2, VAE"),
+    "tvae_Lhalf_dsprites": dict(_DSPRITES, table="Table 2", **_shifting(15, 0), paper="Table 2, L=1/2"),
+    "tvae_Lpartial_dsprites": dict(_DSPRITES, table="Table 2", **_shifting(10, 0), paper="Figure 4 (dSprites), Table 2, L=1/3"),
+    "tvae_Lshort_dsprites": dict(_DSPRITES, table="Table 2", **_shifting(5, 0), paper="Table 2, L=1/6"),
+    "bubbles_dsprites": dict(_DSPRITES, table="Table 2", **_stationary(5, 5), paper="Table 2, Bubbles"),
+    "tvae_L0_dsprites": dict(_DSPRITES, table="Table 2", **_stationary(1, 3), eps=1e-3, paper="Table 2, L=0"),
+    "nontvae_dsprites": dict(_DSPRITES, table="Table 2", **_VAE, paper="Table 2, VAE"),
 }
 for _name, _config in EXPERIMENTS.items():
     _config["name"] = _name
