@@ -1,8 +1,14 @@
 """Executable evidence that the code does what tvae.py's numbered equations and the paper say.
 
-Each test names the property it checks. Tiny synthetic data only; the real
-MNIST files are used where $TVAE_DATA_DIR holds them and skipped, with a
-reason, elsewhere.
+Each test names the property it checks. The model's tests follow tvae.py's
+header: the kernel W and the grouper (Eqs. 2–4), the roll that makes the code
+topographic and equivariant, the ELBO (5–8), E_eq (9), log p(x) (10–11), the
+roll gain (12), then the pictures and maps; the data's tests follow. Where the
+authors' code picks one of two plausible conventions (the reach of an even
+window, the roll's direction, the rotation's sense and centre, the hue's
+direction), a small example worked by hand pins it. Tiny synthetic data only;
+the real MNIST files are used where $TVAE_DATA_DIR holds them and skipped,
+with a reason, elsewhere.
 """
 import array
 import gzip
@@ -33,15 +39,42 @@ import experiments
 import tvae
 from datasets import DataError
 
-# ─── The model (tvae.py) ─────────────────────────────────────────────────────
+# ─── The kernel W and the grouper, Eqs. (2)–(4) ──────────────────────────────
 
-# The trainable parameter counts of the authors' reference implementation.
-REFERENCE_PARAMETERS = {"mnist": 9_803_920, "mnist_vae": 6_465_747, "2d": 5_231_630,
-                        "dsprites": 9_716_177, "dsprites_vae": 6_443_551}
+def test_window_offsets_of_an_even_kernel_reach_one_further_forward_than_back():
+    # Δ(k) = −⌊(k−1)/2⌋ … ⌊k/2⌋: k = 4 gives −1 … 2, k = 5 gives −2 … 2, k = 18 gives −8 … 9.
+    assert list(tvae.window_offsets(4)) == [-1, 0, 1, 2]
+    assert list(tvae.window_offsets(5)) == [-2, -1, 0, 1, 2]
+    assert list(tvae.window_offsets(18)) == list(range(-8, 10))
+    assert list(tvae.window_offsets(1)) == [0]
 
 
-def n_parameters(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def test_neighbourhood_sum_of_a_1x4_window_sums_one_unit_back_to_two_ahead():
+    # One torus row of 6 units holding u² = 1, 10, 100, …: each digit of a sum
+    # names one neighbour. With Δ(4) = −1 … 2, v[i] = u²[i−1] + u²[i] + u²[i+1] + u²[i+2],
+    # wrapped: v[0] = u²[5] + u²[0] + u²[1] + u²[2] = 100000 + 1 + 10 + 100 = 100111.
+    u2 = torch.tensor([[[1.0, 10, 100, 1_000, 10_000, 100_000]]], dtype=torch.float64)
+    expected = [100_111, 1_111, 11_110, 111_100, 111_001, 110_011]
+    assert tvae.neighbourhood_sum(u2, torch.ones(1, 4)).flatten().tolist() == expected
+    # The same window along time (4 × 1 over 6 frames of one unit) reaches the same frames.
+    assert tvae.neighbourhood_sum(u2.view(1, 6, 1), torch.ones(4, 1)).flatten().tolist() == expected
+
+
+def test_shifting_kernel_is_a_band_of_width_2_n_off_diag_plus_1_on_equal_offsets():
+    # Rows δ = −2 … 2, columns δc = −2 … 2; W[δ, δc] = 1 where |δc − δ| ≤ 1.
+    assert tvae.topographic_kernel(5, 5, 1).tolist() == [[1, 1, 0, 0, 0],
+                                                         [1, 1, 1, 0, 0],
+                                                         [0, 1, 1, 1, 0],
+                                                         [0, 0, 1, 1, 1],
+                                                         [0, 0, 0, 1, 1]]
+    # An even width: columns δc = −1, 0, 1, 2, so δc = δ = 0 is the second column, not the third.
+    assert tvae.topographic_kernel(1, 4, 0).tolist() == [[0, 1, 0, 0]]
+    assert tvae.topographic_kernel(4, 1, 0).tolist() == [[0], [1], [0], [0]]
+    # 18: offsets −8 … 9, so the band is centred on δ = δc, not on the kernel's middle:
+    # 18 ones on the diagonal and 17 on each side of it, including both corners.
+    kernel = tvae.topographic_kernel(18, 18, 1)
+    assert kernel.sum().item() == 18 + 2 * 17 and kernel[0, 0].item() == kernel[17, 17].item() == 1
+    assert tvae.topographic_kernel(3, 2).tolist() == [[1, 1], [1, 1], [1, 1]]   # stationary
 
 
 def small_grouper(config, n_caps=2):
@@ -97,12 +130,22 @@ def test_fast_grouper_equals_the_plain_neighbourhood_sum(name):
     assert torch.allclose(grouper(z, u), expected, rtol=1e-12)
 
 
-def test_shifting_kernel_is_a_band_of_width_2_n_off_diag_plus_1_on_equal_offsets():
-    kernel = tvae.topographic_kernel(5, 5, 1)
-    assert torch.equal(kernel, (torch.arange(5)[:, None] - torch.arange(5)).abs().le(1).float())
-    # Even kernels: offsets −8…9 for 18, so the band is centred on δt = δc, not on the middle.
-    kernel = tvae.topographic_kernel(18, 18, 1)
-    assert kernel.sum() == 18 + 2 * 17 and kernel[8, 8] == 1 and kernel[0, 0] == 1
+# ─── The roll: a topographic and equivariant code ────────────────────────────
+
+def test_units_sharing_a_window_have_correlated_magnitudes_and_independent_signs():
+    # One capsule of 12 units, one frame, a 1 × 3 window and mu = 0:
+    # t_i = z_i / sqrt(u²_{i−1} + u²_i + u²_{i+1}). Units 0 and 1 share two of their
+    # three u², units 0 and 6 none. Rank (Spearman) correlation, because t is heavy-tailed.
+    grouper = tvae.Grouper(tvae.topographic_kernel(1, 3), 1, 1, 12, mu_init=0.0).double()
+    z, u = torch.randn(2, 20_000, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = grouper(z, u)
+
+    def rank_correlation(a, b):
+        return tvae.pearson(a.argsort().argsort(), b.argsort().argsort()).item()
+
+    assert rank_correlation(t[:, 0].abs(), t[:, 1].abs()) > 0.08
+    assert abs(rank_correlation(t[:, 0].abs(), t[:, 6].abs())) < 0.04
+    assert abs(tvae.pearson(t[:, 0].sign(), t[:, 1].sign()).item()) < 0.04
 
 
 @pytest.mark.parametrize("name", ["tvae_Lhalf_mnist", "tvae_Lpartial_dsprites", "bubbles_mnist"])
@@ -116,6 +159,91 @@ def test_rolling_z_and_u_one_frame_and_one_unit_rolls_t_the_same_way(name):
         return x.view(4, S, caps, D).roll(shifts=(1, 1), dims=(1, 3)).reshape(x.shape)
 
     assert torch.allclose(grouper(roll(z), roll(u)), roll(grouper(z, u)), rtol=1e-12)
+
+
+# ─── The ELBO: decoder, encoders and KLs, Eqs. (5)–(8) ───────────────────────
+
+def tiny_model(grouper=True, S=4, caps=2, D=4):
+    kernel = tvae.topographic_kernel(3, 3, 1)
+    g = tvae.Grouper(kernel, S, caps, D, mu_init=1.0) if grouper else None
+    return tvae.TVAE((1, 5, 5), caps * D, g)
+
+
+def test_loss_is_bernoulli_nll_plus_both_kls():
+    torch.manual_seed(0)
+    model, x = tiny_model(), torch.rand(2, 4, 1, 5, 5)
+    out = model(x)
+    p = out["probs"].clamp(torch.finfo(torch.float32).eps, 1 - torch.finfo(torch.float32).eps)
+    nll = -torch.distributions.Bernoulli(probs=p, validate_args=False).log_prob(x.flatten(0, 1).flatten(1)).sum(1)
+    assert torch.allclose(out["nll"], nll, rtol=1e-5)
+    assert torch.allclose(out["loss"], out["nll"] + out["kl_z"] + out["kl_u"])
+
+
+def test_kls_are_those_of_each_posterior_from_the_standard_normal_prior():
+    torch.manual_seed(0)
+    model, x = tiny_model(), torch.rand(2, 4, 1, 5, 5)
+    out, flat = model(x), x.flatten(0, 1).flatten(1)
+    normal = torch.distributions.Normal
+    for encoder, key in ((model.z_encoder, "kl_z"), (model.u_encoder, "kl_u")):
+        mean, logvar = encoder(flat)
+        kl = torch.distributions.kl_divergence(normal(mean, (0.5 * logvar).exp()), normal(0.0, 1.0)).sum(1)
+        assert torch.allclose(out[key], kl, rtol=1e-5)
+    assert torch.equal(tiny_model(grouper=False)(x)["kl_u"], torch.zeros(8))     # the VAE has no u
+
+
+def test_gradients_reach_both_encoders_the_decoder_and_mu():
+    model = tiny_model()
+    model(torch.rand(2, 4, 1, 5, 5))["loss"].mean().backward()
+    for part in (model.z_encoder, model.u_encoder, model.decoder, model.grouper):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+# The trainable parameter counts of the authors' reference implementation.
+REFERENCE_PARAMETERS = {"mnist": 9_803_920, "mnist_vae": 6_465_747, "2d": 5_231_630,
+                        "dsprites": 9_716_177, "dsprites_vae": 6_443_551}
+
+
+def n_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("tvae_Lhalf_mnist", "mnist"), ("nontvae_mnist", "mnist_vae"), ("tvae_2d_mnist", "2d"),
+    ("bubbles_dsprites", "dsprites"), ("nontvae_dsprites", "dsprites_vae")])
+def test_parameter_counts_match_the_reference(name, expected):
+    assert n_parameters(experiments.build_model(experiments.EXPERIMENTS[name])) == REFERENCE_PARAMETERS[expected]
+
+
+def test_decoder_init_is_uniform_with_the_fan_of_its_output_units():
+    decoder = tvae.BernoulliDecoder(100, (3, 8, 8))
+    for weight, fan in [(decoder.hidden[0].weight, 200), (decoder.hidden[2].weight, 300),
+                        (decoder.to_pixels.weight, 3 * 64), (decoder.channel_bias, 3 * 64)]:
+        bound = fan ** -0.5
+        assert weight.abs().max() <= bound
+    assert decoder.hidden[2].weight.abs().max() > 0.95 * 300 ** -0.5   # not nn.Linear's 1/√200... nor smaller
+    assert decoder.hidden[0].weight.abs().max() > 0.95 * 200 ** -0.5
+
+
+def test_decoder_has_one_bias_per_channel_shared_by_its_pixels():
+    decoder = tvae.BernoulliDecoder(4, (3, 2, 2))
+    with torch.no_grad():
+        decoder.to_pixels.weight.zero_()
+        decoder.channel_bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    probs = decoder(torch.randn(1, 4)).view(3, 4)
+    assert torch.allclose(probs, torch.sigmoid(torch.tensor([0.0, 1.0, 2.0]))[:, None].expand(3, 4))
+
+
+# ─── E_eq, Eq. (9) ───────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("form", [tvae.equivariance_error, tvae.equivariance_error_by_definition])
+def test_equivariance_error_rolls_frame_l0_forward_unit_i_to_i_plus_l1_minus_l0(form):
+    # One sequence of S = 2 frames, one capsule of 4 units, each frame already of unit length.
+    # Frame 1 moves the lit unit from 0 to 1: Roll_1 [1, 0, 0, 0] = [0, 1, 0, 0] is frame 1, E_eq = 0.
+    # Moved the other way, to unit 3: ‖[0, 1, 0, 0] − [0, 0, 0, 1]‖₁ = 2.
+    forward = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0]])
+    backward = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1]])
+    assert abs(form(forward, 2, 1, 4).item()) < 1e-6
+    assert abs(form(backward, 2, 1, 4).item() - 2) < 1e-6
 
 
 def rolled_code(B, S, caps, D):
@@ -150,11 +278,7 @@ def test_equivariance_error_equals_the_cyclic_form_when_cap_dim_is_S():
     assert torch.allclose(tvae.equivariance_error(t, S, 2, D), cyclic, rtol=1e-5)
 
 
-def tiny_model(grouper=True, S=4, caps=2, D=4):
-    kernel = tvae.topographic_kernel(3, 3, 1)
-    g = tvae.Grouper(kernel, S, caps, D, mu_init=1.0) if grouper else None
-    return tvae.TVAE((1, 5, 5), caps * D, g)
-
+# ─── log p(x) by importance sampling, Eqs. (10)–(11) ─────────────────────────
 
 def importance_weights_by_hand(model, x, K):
     """w_k of Eq. (10), (K, N), with torch.distributions, from the noise that log_likelihood draws:
@@ -212,72 +336,7 @@ def test_more_importance_samples_give_on_average_at_least_the_elbo():
     assert model.log_likelihood(x, 50).mean() >= elbo
 
 
-def test_gradients_reach_both_encoders_the_decoder_and_mu():
-    model = tiny_model()
-    model(torch.rand(2, 4, 1, 5, 5))["loss"].mean().backward()
-    for part in (model.z_encoder, model.u_encoder, model.decoder, model.grouper):
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
-
-
-def test_loss_is_bernoulli_nll_plus_both_kls():
-    torch.manual_seed(0)
-    model, x = tiny_model(), torch.rand(2, 4, 1, 5, 5)
-    out = model(x)
-    p = out["probs"].clamp(torch.finfo(torch.float32).eps, 1 - torch.finfo(torch.float32).eps)
-    nll = -torch.distributions.Bernoulli(probs=p, validate_args=False).log_prob(x.flatten(0, 1).flatten(1)).sum(1)
-    assert torch.allclose(out["nll"], nll, rtol=1e-5)
-    assert torch.allclose(out["loss"], out["nll"] + out["kl_z"] + out["kl_u"])
-
-
-def test_kls_are_those_of_each_posterior_from_the_standard_normal_prior():
-    torch.manual_seed(0)
-    model, x = tiny_model(), torch.rand(2, 4, 1, 5, 5)
-    out, flat = model(x), x.flatten(0, 1).flatten(1)
-    normal = torch.distributions.Normal
-    for encoder, key in ((model.z_encoder, "kl_z"), (model.u_encoder, "kl_u")):
-        mean, logvar = encoder(flat)
-        kl = torch.distributions.kl_divergence(normal(mean, (0.5 * logvar).exp()), normal(0.0, 1.0)).sum(1)
-        assert torch.allclose(out[key], kl, rtol=1e-5)
-    assert torch.equal(tiny_model(grouper=False)(x)["kl_u"], torch.zeros(8))     # the VAE has no u
-
-
-@pytest.mark.parametrize("name,expected", [
-    ("tvae_Lhalf_mnist", "mnist"), ("nontvae_mnist", "mnist_vae"), ("tvae_2d_mnist", "2d"),
-    ("bubbles_dsprites", "dsprites"), ("nontvae_dsprites", "dsprites_vae")])
-def test_parameter_counts_match_the_reference(name, expected):
-    assert n_parameters(experiments.build_model(experiments.EXPERIMENTS[name])) == REFERENCE_PARAMETERS[expected]
-
-
-def test_decoder_init_is_uniform_with_the_fan_of_its_output_units():
-    decoder = tvae.BernoulliDecoder(100, (3, 8, 8))
-    for weight, fan in [(decoder.hidden[0].weight, 200), (decoder.hidden[2].weight, 300),
-                        (decoder.to_pixels.weight, 3 * 64), (decoder.channel_bias, 3 * 64)]:
-        bound = fan ** -0.5
-        assert weight.abs().max() <= bound
-    assert decoder.hidden[2].weight.abs().max() > 0.95 * 300 ** -0.5   # not nn.Linear's 1/√200... nor smaller
-    assert decoder.hidden[0].weight.abs().max() > 0.95 * 200 ** -0.5
-
-
-def test_decoder_has_one_bias_per_channel_shared_by_its_pixels():
-    decoder = tvae.BernoulliDecoder(4, (3, 2, 2))
-    with torch.no_grad():
-        decoder.to_pixels.weight.zero_()
-        decoder.channel_bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
-    probs = decoder(torch.randn(1, 4)).view(3, 4)
-    assert torch.allclose(probs, torch.sigmoid(torch.tensor([0.0, 1.0, 2.0]))[:, None].expand(3, 4))
-
-
-def test_prior_samples_decode_the_grouper_of_standard_normal_z_and_u():
-    torch.manual_seed(0)
-    model = tiny_model()
-    torch.manual_seed(1)
-    samples = model.sample(3, 4)
-    torch.manual_seed(1)
-    z, u = torch.randn(12, 8), torch.randn(12, 8)                    # the draws sample() makes: z, then u
-    with torch.no_grad():
-        expected = model.decoder(model.grouper(z, u)).view(3, 4, 1, 5, 5)
-    assert samples.shape == (3, 4, 1, 5, 5) and torch.allclose(samples, expected)
-
+# ─── The roll gain, Eq. (12) ─────────────────────────────────────────────────
 
 class Function(torch.nn.Module):
     """A module that applies a given function: a stand-in for an encoder or the decoder."""
@@ -290,46 +349,22 @@ class Function(torch.nn.Module):
         return self.function(x)
 
 
-def test_capsule_traversal_of_an_equivariant_model_replays_the_sequence():
-    # Point posteriors (σ = 0): z is the image itself, u is constant (so is
-    # W ⊛ u²) and the decoder is the identity: t is an affine map of the image.
-    # Each image is two capsules of 5 units; frame k is frame 0 rolled by k
-    # units in both, so the code is exactly equivariant and rolling frame 0's
-    # capsules by k must decode to frame k's reconstruction.
-    S, n_caps, D = 5, 2, 5
-    grouper = tvae.Grouper(tvae.topographic_kernel(3, 3, 1), S, n_caps, D, mu_init=0.5)
-    model = tvae.TVAE((1, n_caps, D), n_caps * D, grouper)
-    point = torch.tensor(-math.inf)                                   # log σ² of σ = 0
-    model.z_encoder = Function(lambda x: (x, point.expand_as(x)))
-    model.u_encoder = Function(lambda x: (torch.ones_like(x), point.expand_as(x)))
-    model.decoder = Function(lambda t: t)
-    first = torch.rand(1, n_caps, D)
-    x = torch.stack([first.roll(k, dims=2) for k in range(S)])       # (S, 1, n_caps, D)
-    inputs, reconstructions, rolled = model.capsule_traversal(x, n_caps, D)
-    assert torch.equal(inputs, x) and rolled.shape == reconstructions.shape == x.shape
-    assert torch.allclose(rolled, reconstructions)
-
-
-def test_capsule_traversal_decodes_a_posterior_sample_not_the_means():
-    # The reconstructions must be the decoding of z and u drawn as Eq. (6)
-    # draws them, z's noise first, from the generator given; and the roll by 0
-    # is frame 0's reconstruction.
-    S, n_caps, D = 4, 3, 4
-    torch.manual_seed(0)
-    grouper = tvae.Grouper(tvae.topographic_kernel(3, 3, 1), S, n_caps, D, mu_init=2.0)
-    model = tvae.TVAE((1, 6, 6), n_caps * D, grouper)
-    x = torch.rand(S, 1, 6, 6)
-    _, reconstructions, rolled = model.capsule_traversal(x, n_caps, D, torch.Generator().manual_seed(7))
-    generator = torch.Generator().manual_seed(7)
-    _, q_z, q_u = model.encode(x[None])
-    z = tvae.reparameterise(*q_z, torch.randn(S, n_caps * D, generator=generator))
-    u = tvae.reparameterise(*q_u, torch.randn(S, n_caps * D, generator=generator))
-    with torch.no_grad():
-        expected = model.decoder(model.group(z, u)).view(S, 1, 6, 6)
-    assert torch.allclose(reconstructions, expected)
-    assert torch.allclose(rolled[0], reconstructions[0])
-    again = model.capsule_traversal(x, n_caps, D, torch.Generator().manual_seed(7))
-    assert torch.equal(again[1], reconstructions)
+def test_roll_gain_rolls_frame_0s_code_forward_unit_i_to_i_plus_l():
+    # The decoder is the identity; one sequence of S = 3 frames, one capsule of 3 units;
+    # each frame's own code is the frame itself, so E_self = 0. Frame 0 is [1, 0, 0].
+    # Moving forward, frames 1 and 2 are [0, 1, 0] = Roll_1 and [0, 0, 1] = Roll_2 of it:
+    #   E_static = ‖[1,0,0] − [0,1,0]‖² + ‖[1,0,0] − [0,0,1]‖² = 2 + 2 = 4, E_roll = 0,
+    #   roll gain = (4 − 0) / 4 = 1.
+    # Moving backward, frames 1 and 2 are [0, 0, 1] and [0, 1, 0]: both rolls miss,
+    #   E_roll = 2 + 2 = 4, roll gain = (4 − 4) / 4 = 0. The own-code gain is 1 in both.
+    identity = Function(lambda t: t)
+    forward = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]])
+    backward = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]])
+    for frames, errors, gain in ((forward, [4, 0, 0], 1), (backward, [4, 4, 0], 0)):
+        got = tvae.roll_errors(identity, frames.view(1, 3, 1, 1, 3), frames, frames, 1, 3)
+        assert got.tolist() == [errors]
+        roll, own = tvae.roll_gains(got.sum(dim=0))
+        assert (roll.item(), own.item()) == (gain, 1)
 
 
 def equivariant_toy(roll_direction=1):
@@ -376,6 +411,81 @@ def test_roll_gain_of_an_untrained_model_is_near_zero():
     assert abs(roll.item()) < 0.05 and abs(own.item()) < 0.05
 
 
+# ─── Capsule traversal, prior samples and Figure 3's maps ────────────────────
+
+def point_posterior_model(S, n_caps, D, kernel, mu):
+    """A TVAE with σ = 0 posteriors, z = the image and u = 1, and the identity as decoder.
+
+    Images are (1, n_caps, D): each row is one capsule. t is then an affine map of
+    the image, t = (x + mu) / sqrt(W ⊛ 1 + eps).
+    """
+    model = tvae.TVAE((1, n_caps, D), n_caps * D, tvae.Grouper(kernel, S, n_caps, D, mu_init=mu))
+    point = torch.tensor(-math.inf)                                   # log σ² of σ = 0
+    model.z_encoder = Function(lambda x: (x, point.expand_as(x)))
+    model.u_encoder = Function(lambda x: (torch.ones_like(x), point.expand_as(x)))
+    model.decoder = Function(lambda t: t)
+    return model
+
+
+def test_capsule_traversal_rolls_frame_0s_capsule_forward_unit_i_to_i_plus_k():
+    # A 1 × 1 window and u = 1 give W ⊛ u² = 1; with mu = 0, t = x / sqrt(1 + 10⁻⁶) ≈ x.
+    # Frame 0 lights unit 0 of a 4-unit capsule. Rolled by k = 0, 1, 2, 3 it lights unit
+    # 0, 1, 2, 3: the four decodings are the rows of the 4 × 4 identity, not its mirror.
+    model = point_posterior_model(2, 1, 4, tvae.topographic_kernel(1, 1), mu=0.0)
+    x = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0]]).view(2, 1, 1, 4)
+    _, _, rolled = model.capsule_traversal(x, 1, 4)
+    assert rolled.shape == (4, 1, 1, 4)
+    torch.testing.assert_close(rolled.view(4, 4), torch.eye(4), atol=1e-5, rtol=0)
+
+
+def test_capsule_traversal_of_an_equivariant_model_replays_the_sequence():
+    # Point posteriors and the identity as decoder: t is an affine map of the
+    # image. Each image is two capsules of 5 units; frame k is frame 0 rolled by k
+    # units in both, so the code is exactly equivariant and rolling frame 0's
+    # capsules by k must decode to frame k's reconstruction.
+    S, n_caps, D = 5, 2, 5
+    model = point_posterior_model(S, n_caps, D, tvae.topographic_kernel(3, 3, 1), mu=0.5)
+    first = torch.rand(1, n_caps, D)
+    x = torch.stack([first.roll(k, dims=2) for k in range(S)])       # (S, 1, n_caps, D)
+    inputs, reconstructions, rolled = model.capsule_traversal(x, n_caps, D)
+    assert torch.equal(inputs, x) and rolled.shape == reconstructions.shape == x.shape
+    assert torch.allclose(rolled, reconstructions)
+
+
+def test_capsule_traversal_decodes_a_posterior_sample_not_the_means():
+    # The reconstructions must be the decoding of z and u drawn as Eq. (6)
+    # draws them, z's noise first, from the generator given; and the roll by 0
+    # is frame 0's reconstruction.
+    S, n_caps, D = 4, 3, 4
+    torch.manual_seed(0)
+    grouper = tvae.Grouper(tvae.topographic_kernel(3, 3, 1), S, n_caps, D, mu_init=2.0)
+    model = tvae.TVAE((1, 6, 6), n_caps * D, grouper)
+    x = torch.rand(S, 1, 6, 6)
+    _, reconstructions, rolled = model.capsule_traversal(x, n_caps, D, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    _, q_z, q_u = model.encode(x[None])
+    z = tvae.reparameterise(*q_z, torch.randn(S, n_caps * D, generator=generator))
+    u = tvae.reparameterise(*q_u, torch.randn(S, n_caps * D, generator=generator))
+    with torch.no_grad():
+        expected = model.decoder(model.group(z, u)).view(S, 1, 6, 6)
+    assert torch.allclose(reconstructions, expected)
+    assert torch.allclose(rolled[0], reconstructions[0])
+    again = model.capsule_traversal(x, n_caps, D, torch.Generator().manual_seed(7))
+    assert torch.equal(again[1], reconstructions)
+
+
+def test_prior_samples_decode_the_grouper_of_standard_normal_z_and_u():
+    torch.manual_seed(0)
+    model = tiny_model()
+    torch.manual_seed(1)
+    samples = model.sample(3, 4)
+    torch.manual_seed(1)
+    z, u = torch.randn(12, 8), torch.randn(12, 8)                    # the draws sample() makes: z, then u
+    with torch.no_grad():
+        expected = model.decoder(model.grouper(z, u)).view(3, 4, 1, 5, 5)
+    assert samples.shape == (3, 4, 1, 5, 5) and torch.allclose(samples, expected)
+
+
 def test_capsule_offsets_recover_the_true_index_of_a_rolled_code():
     B, S, caps, D = 6, 15, 4, 15
     # A sequence whose frame i is frame 0 rolled by i; the factor starts at index j0 and wraps at 15.
@@ -409,6 +519,8 @@ def test_topography_of_a_map_of_class_bands_is_counted_pair_by_pair_and_shufflin
     assert share == (16 * 18 + 8 * 18) / (16 * 18 + 15 * 18)
     assert abs(shuffled - 35 / 287) < 0.01           # chance: another unit of one's own class, of the 288 selective
 
+
+# ─── tvae.py in the README ───────────────────────────────────────────────────
 
 README_HEADING = "## Use tvae.py in your own code"
 
@@ -542,24 +654,68 @@ def test_rotate_scale_at_angle_0_scale_1_is_the_identity():
     assert torch.allclose(out, images, atol=1e-5)
 
 
+def rotate_one_pixel(x, y, angle, scale=1.0):
+    """A 28 × 28 image lit at column x, row y, rotated and scaled by rotate_scale."""
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, y, x] = 1
+    return datasets.rotate_scale(image, torch.tensor([float(angle)]), torch.tensor([scale]))[0, 0]
+
+
+@pytest.mark.parametrize("angle, to_x, to_y", [(90, 10, 8), (180, 8, 18), (270, 18, 20), (-90, 18, 20)])
+def test_rotate_scale_turns_a_positive_angle_anticlockwise_on_screen_about_14_14(angle, to_x, to_y):
+    # The pixel at column x = 20, row y = 10 (y down) sits 6 right of and 4 above the
+    # centre (14, 14). Anticlockwise on the screen, right turns into up and up into left:
+    #   +90°: 6 right → 6 up, 4 up → 4 left: column 14 − 4 = 10, row 14 − 6 = 8.
+    #   180°: 6 left, 4 down: column 8, row 18.   +270° = −90°: 4 right, 6 down: column 18, row 20.
+    # (A clockwise +90° would land at column 18, row 20; a centre at (13.5, 13.5) at row 7.)
+    out = rotate_one_pixel(20, 10, angle)
+    assert abs(out[to_y, to_x].item() - 1) < 1e-4
+    assert abs(out.sum().item() - 1) < 1e-4                         # the pixel moved, whole
+
+
+@pytest.mark.parametrize("angle", [90, 180, 270])
+def test_rotate_scale_keeps_the_pixel_at_14_14_in_place(angle):
+    # The centre of rotation is (W/2, H/2) = (14, 14) with pixel centres at integers:
+    # the pixel there is a fixed point (half a pixel right and below the image's middle, 13.5).
+    out = rotate_one_pixel(14, 14, angle)
+    assert abs(out[14, 14].item() - 1) < 1e-4
+
+
+def test_rotate_scale_by_2_doubles_distances_from_14_14():
+    # Column 20, row 10 is (+6, −4) from the centre; twice that is (+12, −8): column 26, row 6.
+    out = rotate_one_pixel(20, 10, 0, scale=2.0)
+    assert abs(out[6, 26].item() - 1) < 1e-4
+
+
 @pytest.mark.parametrize("angle, scale", [(90, 1.0), (180, 1.0), (270, 1.0), (0, 2.0), (90, 2.0)])
 def test_rotate_scale_moves_a_pixel_where_opencvs_matrix_sends_it(angle, scale):
     x, y, cx, cy = 20, 10, 14, 14                                     # an off-centre pixel; centre (W/2, H/2)
     a, b = scale * math.cos(math.radians(angle)), scale * math.sin(math.radians(angle))
     to_x = round(a * x + b * y + (1 - a) * cx - b * cy)               # OpenCV's getRotationMatrix2D
     to_y = round(-b * x + a * y + b * cx + (1 - a) * cy)
-    image = torch.zeros(1, 1, 28, 28)
-    image[0, 0, y, x] = 1
-    out = datasets.rotate_scale(image, torch.tensor([float(angle)]), torch.tensor([scale]))
-    assert out[0, 0, to_y, to_x] == pytest.approx(1, abs=1e-4)
+    out = rotate_one_pixel(x, y, angle, scale)
+    assert abs(out[to_y, to_x].item() - 1) < 1e-4
     if scale == 1:
-        assert out.sum() == pytest.approx(1, abs=1e-4)              # the pixel moved, whole
+        assert abs(out.sum().item() - 1) < 1e-4                     # the pixel moved, whole
 
 
 def test_shift_hue_by_a_full_turn_is_the_identity():
     images = torch.rand(4, 3, 5, 5)
     assert torch.allclose(datasets.shift_hue(images, torch.full((4,), 2 * math.pi)), images, atol=1e-5)
     assert torch.allclose(datasets.shift_hue(images, torch.zeros(4)), images, atol=1e-5)
+
+
+@pytest.mark.parametrize("turn, rgb", [(1 / 6, (1, 1, 0)), (1 / 3, (0, 1, 0)), (2 / 3, (0, 0, 1)),
+                                       (-1 / 3, (0, 0, 1))],
+                         ids=["60deg-yellow", "120deg-green", "240deg-blue", "minus-120deg-blue"])
+def test_shift_hue_turns_pure_red_towards_green_first(turn, rgb):
+    # The HSV hue circle runs red (0°) → yellow (60°) → green (120°) → cyan → blue (240°)
+    # → magenta → red. A positive shift moves along it: a third of a turn makes red
+    # green, not blue. Value and saturation stay: half-bright red becomes half-bright.
+    image = torch.tensor([[[[1.0, 0.5]], [[0.0, 0.0]], [[0.0, 0.0]]]])  # (1, 3, 1, 2): red, dark red
+    out = datasets.shift_hue(image, torch.tensor([2 * math.pi * turn]))
+    expected = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1) * torch.tensor([1.0, 0.5])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 def test_shift_hue_by_a_third_of_a_turn_turns_red_into_green_of_the_same_value():
