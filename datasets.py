@@ -530,3 +530,121 @@ def dsprites_sequences(grid, starts, factors, n_transforms=N_FRAMES_DSPRITES):
     labels = (starts[:, None, :] + steps[None, :, None] * moving[:, None, :]) % sizes   # (B, S, 5)
     x = grid[labels.unbind(dim=-1)]                                # (B, S, H, W)
     return x[:, :, None].float(), labels
+
+
+# ─── An experiment's epochs and test sequences ───────────────────────────────
+# The same three calls for MNIST and dSprites. An epoch is planned up front as
+# a (n_batches, B, k) tensor of what to draw, so a checkpoint can hold it and a
+# resumed run continues mid-epoch exactly where it stopped; the sequences are
+# made batch by batch on the device of the data. Every random choice comes from
+# one CPU generator, so a seed gives the same epochs and test set on any device.
+# kinds(labels) names the transformation each sequence walks.
+
+KINDS = ("rotation", "scale", "hue", "rotation+hue", "perspective+hue", "orientation", "posX", "posY")
+DSPRITES_FACTORS = {1: "scale", 2: "orientation", 3: "posX", 4: "posY"}   # the grid axes that move
+
+def _whole_batches(order, batch_size):
+    """(n,) → (n // batch_size, batch_size): the last partial batch is dropped."""
+    if len(order) < batch_size:
+        raise DataError(f"fewer sequences ({len(order)}) than one batch ({batch_size})")
+    return order[:len(order) // batch_size * batch_size].view(-1, batch_size)
+
+
+class MnistSequences:
+    """The MNIST digits of the authors' split on a device, and the sequences of one experiment."""
+
+    def __init__(self, data_dir, seed, train_kind, test_kind, colour, device="cpu"):
+        split = mnist_train_test(data_dir, seed=seed)
+        self.train_digits = split["train"][0].to(device)
+        self.test_digits, self.test_classes = (part.to(device) for part in split["test"])
+        self.seed, self.train_kind, self.test_kind, self.colour = seed, train_kind, test_kind, colour
+
+    def plan_epoch(self, batch_size, n_sequences, generator):
+        """Each training digit once (the first n_sequences, None: all), shuffled: (n_batches, B, 1)."""
+        order = torch.randperm(len(self.train_digits), generator=generator)[:n_sequences]
+        return _whole_batches(order, batch_size)[..., None]
+
+    def batch(self, rows, generator):
+        """x (B, S, C, H, W) and labels (mnist_sequences) for one row of the plan."""
+        digits = self.train_digits[rows[:, 0].to(self.train_digits.device)]
+        return mnist_sequences(digits, self.train_kind, self.colour, generator)
+
+    def test_batches(self, batch_size, n_sequences=None):
+        """(x, labels, digit classes) of the first n_sequences test digits: the same for every call."""
+        generator = torch.Generator().manual_seed(self.seed)
+        n = min(len(self.test_digits), n_sequences or len(self.test_digits))
+        for start in range(0, n, batch_size):
+            digits = self.test_digits[start:min(start + batch_size, n)]
+            x, labels = mnist_sequences(digits, self.test_kind, self.colour, generator)
+            yield x, labels, self.test_classes[start:start + len(digits)]
+
+    def kinds(self, labels):
+        """Per sequence of a test batch: rotation, scale or hue ('single'), or the two that walk together."""
+        if self.test_kind == "single":
+            return [KINDS[k] for k in labels["transform"].tolist()]         # 0 rotation, 1 scale, 2 hue
+        return [f"{'rotation' if self.test_kind == 'dual' else 'perspective'}+hue"] * len(labels["transform"])
+
+
+class DspritesSequences:
+    """The dSprites sub-grid (3, 5, 15, 15, 15, 64, 64) on a device, and its sequences of S frames."""
+
+    TEST_SEQUENCES = 1024   # dSprites has no test split: a fixed set of sequences for evaluation
+
+    def __init__(self, grid, seed, n_transforms=N_FRAMES_DSPRITES):
+        self.grid, self.seed, self.n_transforms = grid, seed, n_transforms
+
+    def plan_epoch(self, batch_size, n_sequences, generator):
+        """Every grid point once as a start (the first n_sequences), with a random factor: (n_batches, B, 6)."""
+        batches = [torch.cat([starts, factors[:, None]], dim=1)
+                   for starts, factors in dsprites_epoch(n_sequences, batch_size, generator)]
+        if not batches:
+            raise DataError(f"fewer sequences ({n_sequences}) than one batch ({batch_size})")
+        return torch.stack(batches)
+
+    def batch(self, rows, generator=None):
+        """x (B, S, 1, 64, 64) and labels (B, S, 5) for one row of the plan: 5 start indices and a factor."""
+        rows = rows.to(self.grid.device)
+        return dsprites_sequences(self.grid, rows[:, :5], rows[:, 5], self.n_transforms)
+
+    def test_batches(self, batch_size, n_sequences=None):
+        """(x, labels, None) of a fixed set of sequences (TEST_SEQUENCES, in whole batches)."""
+        n = n_sequences or self.TEST_SEQUENCES
+        for starts, factors in dsprites_epoch(n, min(batch_size, n), torch.Generator().manual_seed(self.seed)):
+            yield *self.batch(torch.cat([starts, factors[:, None]], dim=1)), None
+
+    def kinds(self, labels):
+        """Per sequence of a batch (labels (B, S, 5)): the factor that moves from frame 0 to frame 1."""
+        return [DSPRITES_FACTORS[f] for f in (labels[:, 1] != labels[:, 0]).int().argmax(dim=1).tolist()]
+
+
+# ─── Pictures: PNG files written with zlib alone ─────────────────────────────
+# The other direction of the image files above: tensors of images laid out on one canvas and
+# written as a PNG, so that pictures need nothing beyond torch and the standard library.
+
+def write_png(path, image, scale=1):
+    """Write image (C, H, W), C = 1 (grey) or 3 (RGB), values in [0, 1], as an 8-bit PNG, scale× enlarged."""
+    pixels = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    pixels = pixels.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)      # nearest neighbour
+    channels, height, width = pixels.shape
+    rows = pixels.permute(1, 2, 0).reshape(height, width * channels)
+    scanlines = torch.cat([torch.zeros(height, 1, dtype=torch.uint8), rows], dim=1)  # filter type 0 per row
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, {1: 0, 3: 2}[channels], 0, 0, 0])
+    pathlib.Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                           + chunk(b"IDAT", zlib.compress(bytes(scanlines.flatten().tolist()), 6))
+                           + chunk(b"IEND", b""))
+
+
+def image_grid(rows, pad=2, background=0.5):
+    """Lay out rows of images [(n_i, C, H, W), …] on one canvas (C', H', W'), grey between cells."""
+    channels, (height, width) = max(row.shape[1] for row in rows), rows[0].shape[2:]
+    n_cols = max(len(row) for row in rows)
+    canvas = torch.full((channels, pad + len(rows) * (height + pad), pad + n_cols * (width + pad)), background)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row.detach().cpu().float()):
+            top, left = pad + r * (height + pad), pad + c * (width + pad)
+            canvas[:, top:top + height, left:left + width] = image.expand(channels, -1, -1)
+    return canvas

@@ -996,7 +996,7 @@ def test_dsprites_sequences_advance_one_factor_by_one_per_frame_with_wraparound(
     assert torch.equal(x[:, :, 0], grid[labels.unbind(-1)].float())
 
 
-# ─── The training function and the command line (experiments.py) ─────────────
+# ─── Plumbing: the training loop, the run folder and the command line ────────
 
 @pytest.fixture(scope="module")
 def mnist_dir(tmp_path_factory):
@@ -1019,6 +1019,15 @@ def quick_config(name, **overrides):
     return config
 
 
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def measured(records):
+    """Metrics records without the wall-clock time, which no two runs share."""
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
+
+
 @pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
 def test_every_experiment_runs_one_short_epoch_end_to_end(name, tmp_path, mnist_dir, rendered, monkeypatch):
     monkeypatch.setattr(datasets, "render_dsprites", lambda: rendered)
@@ -1026,25 +1035,34 @@ def test_every_experiment_runs_one_short_epoch_end_to_end(name, tmp_path, mnist_
     if config["data"] == "dsprites":
         config["dsprites_source"] = "procedural"
     records, interrupted = experiments.train(config, tmp_path, mnist_dir, "cpu")
-    assert not interrupted
-    saved = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert saved == records and all({"epoch", "step"} <= r.keys() for r in saved)
-    untrained, train_line, test_line = saved                 # evaluated before and after the epoch
-    assert [r["epoch"] for r in saved] == [0, 1, 1] and untrained.keys() == test_line.keys()
+    assert not interrupted and read_metrics(tmp_path) == records
+    untrained, train_line, test_line = records                 # evaluated before and after the epoch
+    assert [(r["epoch"], r["step"]) for r in records] == [(0, 0), (1, 2), (1, 2)]
+    assert untrained.keys() == test_line.keys()
     for key in ("train_loss", "train_nll", "train_kl", "test_log_likelihood"):
         assert math.isfinite((train_line | test_line)[key])
     if config["n_transforms"] > 1:
         assert math.isfinite(train_line["train_eq_error"]) and math.isfinite(test_line["test_eq_error"])
-        assert set(test_line["test_roll_gain"]) == set(test_line["test_self_gain"])
+        assert test_line["test_roll_gain"].keys() == test_line["test_self_gain"].keys()
         assert all(math.isfinite(v) for v in test_line["test_roll_gain"].values())
         assert (tmp_path / "traversal_001.png").exists() and (tmp_path / "samples_001.png").exists()
     if config["data"] == "dsprites":
-        assert set(train_line["capsule_correlation"]) == {"scale", "orientation", "posX", "posY"}
+        assert set(test_line["test_capsule_correlation"]) == {"scale", "orientation", "posX", "posY"}
     if config["grouper"] == "map2d":
         for picture in ("samples", "max_activation", "selectivity", "reconstruction"):
             assert (tmp_path / f"{picture}_001.png").exists()
-    assert json.loads((tmp_path / "config.json").read_text())["name"] == name
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(config))
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_roll_gain_is_recorded_per_transformation_kind_of_the_test_sequences(tmp_path, mnist_dir):
+    config = quick_config("tvae_Lshort_mnist", max_epochs=0, test_sequences=12)
+    [record], _ = experiments.train(config, tmp_path, mnist_dir)
+    data = experiments.load_data(config, mnist_dir, "cpu")
+    kinds = {("rotation", "scale", "hue")[k] for _, labels, _ in data.test_batches(32, 12)
+             for k in labels["transform"].tolist()}
+    assert list(record["test_roll_gain"]) == [k for k in ("rotation", "scale", "hue") if k in kinds]
+    assert len(kinds) > 1
 
 
 class InterruptAt(experiments.Progress):
@@ -1054,7 +1072,7 @@ class InterruptAt(experiments.Progress):
         super().__init__(io.StringIO())
         self.step, self.steps, self.signal_number = step, 0, signal_number
 
-    def update(self, batch, sequences, running_loss):
+    def update(self, done, sequences, running_loss):
         self.steps += 1
         if self.steps == self.step:
             os.kill(os.getpid(), self.signal_number)
@@ -1066,12 +1084,9 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(signal_numbe
     whole, _ = experiments.train(config, tmp_path / "whole", mnist_dir, progress=InterruptAt(None))
     _, interrupted = experiments.train(config, tmp_path / "parts", mnist_dir,
                                        progress=InterruptAt(2, signal_number))
-    assert interrupted                                   # stopped mid-epoch 0, after step 2 of 3
+    assert interrupted                                   # stopped in the first epoch, after step 2 of 3
     resumed, interrupted = experiments.train(config, tmp_path / "parts", mnist_dir, resume=True,
                                              progress=InterruptAt(None))
-
-    def measured(records):                               # all but the wall-clock time
-        return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
     assert not interrupted and measured(resumed) == measured(whole)
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["model"]
@@ -1087,13 +1102,14 @@ class KillAt(experiments.Progress):
         super().__init__(io.StringIO())
         self.step, self.steps = step, 0
 
-    def update(self, batch, sequences, running_loss):
+    def update(self, done, sequences, running_loss):
         self.steps += 1
         if self.steps == self.step:
             raise Killed
 
 
 def test_a_run_killed_without_warning_resumes_from_its_last_timed_checkpoint(tmp_path, mnist_dir, monkeypatch):
+    assert experiments.CHECKPOINT_EVERY_S <= 600                         # at most 10 minutes of work lost
     monkeypatch.setattr(experiments, "CHECKPOINT_EVERY_S", 0)           # a timed checkpoint after every step
     config = quick_config("tvae_Lshort_mnist", max_epochs=1, train_sequences=12)
     whole, _ = experiments.train(config, tmp_path / "whole", mnist_dir, progress=KillAt(None))
@@ -1102,37 +1118,8 @@ def test_a_run_killed_without_warning_resumes_from_its_last_timed_checkpoint(tmp
     saved = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["state"]
     assert (saved["epoch"], saved["step"]) == (0, 1)                      # the step before the kill
     resumed, _ = experiments.train(config, tmp_path / "parts", mnist_dir, resume=True, progress=KillAt(None))
-    assert [{k: v for k, v in r.items() if k != "wall_s"} for r in resumed] == \
-           [{k: v for k, v in r.items() if k != "wall_s"} for r in whole]
+    assert measured(resumed) == measured(whole)
 
-
-def test_epochs_0_evaluates_the_untrained_model_and_the_report_counts_0_epochs(tmp_path, mnist_dir, capsys):
-    assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "0")[0] == 0
-    [record] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert record["step"] == 0 and "train_loss" not in record and math.isfinite(record["test_log_likelihood"])
-    assert (tmp_path / "traversal_000.png").exists()
-    assert experiments.main(["--report", str(tmp_path)]) == 0
-    assert "| `tvae_Lshort_mnist` | 0 | 0 |" in capsys.readouterr().out
-
-
-def test_report_prints_table_2_untrained_row_first_then_the_trained_one(tmp_path, mnist_dir, rendered,
-                                                                       monkeypatch, capsys):
-    monkeypatch.setattr(datasets, "render_dsprites", lambda: rendered)
-    for folder, epochs in (("untrained", "0"), ("trained", "1")):
-        assert run_cli(capsys, mnist_dir, tmp_path / folder, "--dsprites", "procedural", "--epochs", epochs,
-                       "--test-sequences", "8", name="tvae_Lpartial_dsprites")[0] == 0
-    assert experiments.main(["--report", str(tmp_path / "trained"), str(tmp_path / "untrained")]) == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| `tvae_Lpartial_dsprites`")]
-    assert [row.split(" | ")[1:3] for row in rows] == [["0", "0"], ["1", "1"]]     # untrained first, as given or not
-    for row, folder in zip(rows, ("untrained", "trained")):
-        last = [json.loads(line) for line in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()][-1]
-        test_cells = row.split(" | ")[6:10]
-        assert test_cells == [experiments._number(last["test_capsule_correlation"][k], 2)
-                              for k in ("scale", "orientation", "posX", "posY")]
-
-
-# ─── The run folder survives ordinary mistakes ───────────────────────────────
 
 def run_cli(capsys, mnist_dir, out, *options, name="tvae_Lshort_mnist"):
     """experiments.main on a tiny run (2 capsules, one batch of 4 sequences, 2 test sequences): (status, stderr lines)."""
@@ -1140,6 +1127,24 @@ def run_cli(capsys, mnist_dir, out, *options, name="tvae_Lshort_mnist"):
                                "--train-sequences", "4", "--batch-size", "4", "--test-sequences", "2",
                                "--set", "n_is_samples=1", "--set", "n_caps=2", "--epochs", "1", *options])
     return status, capsys.readouterr().err.strip().splitlines()
+
+
+def test_epochs_are_counted_as_epochs_trained_in_metrics_pictures_and_progress(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "2", "--set", "eval_epochs=2")[0] == 0
+    assert [(r["epoch"], r["step"], "train_loss" in r) for r in read_metrics(tmp_path)] == \
+           [(0, 0, False), (1, 1, True), (2, 2, True), (2, 2, False)]
+    assert sorted(p.name for p in tmp_path.glob("traversal_*.png")) == ["traversal_000.png", "traversal_002.png"]
+    progress = io.StringIO()
+    config = quick_config("tvae_Lshort_mnist", max_epochs=2)
+    experiments.train(config, tmp_path / "b", mnist_dir, progress=experiments.Progress(progress, every=0))
+    assert progress.getvalue().startswith("epoch 1/2  step 1/2") and "epoch 2/2  step 2/2" in progress.getvalue()
+
+
+def test_epochs_0_evaluates_the_untrained_model_only(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "0")[0] == 0
+    [record] = read_metrics(tmp_path)
+    assert record["step"] == 0 and "train_loss" not in record and math.isfinite(record["test_log_likelihood"])
+    assert (tmp_path / "traversal_000.png").exists()
 
 
 def test_a_second_run_into_a_folder_that_holds_a_run_is_refused_naming_both_choices(tmp_path, mnist_dir, capsys):
@@ -1152,10 +1157,19 @@ def test_a_second_run_into_a_folder_that_holds_a_run_is_refused_naming_both_choi
 
 def test_overwrite_replaces_the_old_run_leaving_nothing_of_it(tmp_path, mnist_dir, capsys):
     assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "2", "--set", "eval_epochs=1")[0] == 0
-    assert (tmp_path / "traversal_001.png").exists()
+    assert (tmp_path / "traversal_002.png").exists()
     assert run_cli(capsys, mnist_dir, tmp_path, "--overwrite")[0] == 0
     assert not (tmp_path / "traversal_002.png").exists()
-    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 1]
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 1]
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_in_the_way(tmp_path, mnist_dir, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "MNIST_MIRRORS", ["http://127.0.0.1:9/"])      # offline: a closed local port
+    status, err = run_cli(capsys, tmp_path / "empty", tmp_path / "run")
+    assert status == 1 and "--data-dir" in err[-1] and not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert run_cli(capsys, mnist_dir, tmp_path / "run")[0] == 0                  # the same command, with data
+    status, err = run_cli(capsys, mnist_dir, tmp_path / "other", "--resume")
+    assert status == 1 and len(err) == 1 and "no checkpoint" in err[0]
 
 
 def test_resume_under_another_experiment_name_is_refused(tmp_path, mnist_dir, capsys):
@@ -1173,29 +1187,40 @@ def test_resume_with_a_new_learning_rate_applies_it_and_says_so(tmp_path, mnist_
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.003
 
 
-@pytest.mark.parametrize("change", [["--seed", "5"], ["--set", "cap_dim=9"], ["--train-sequences", "8"]])
-def test_resume_refuses_changes_to_the_model_the_seed_or_the_data(change, tmp_path, mnist_dir, capsys):
+@pytest.mark.parametrize("change, key", [(["--seed", "5"], "seed"), (["--set", "cap_dim=9"], "cap_dim"),
+                                         (["--train-sequences", "8"], "train_sequences")])
+def test_resume_refuses_changes_to_the_model_the_seed_or_the_data(change, key, tmp_path, mnist_dir, capsys):
     assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
     status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2", *change)
-    assert status in (1, 2) and len(err) == 1 and change[-1].split("=")[0].lstrip("-").replace("-", "_") in err[0]
+    assert status in (1, 2) and len(err) == 1 and re.search(rf"\b{key}\b", err[0])
 
 
-def test_an_edited_config_json_is_checked_on_resume(tmp_path, mnist_dir, capsys):
+def test_resume_reads_the_checkpoint_not_an_edited_config_json(tmp_path, mnist_dir, capsys):
     assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, momentum="fast")))
-    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2")
-    assert status == 2 and len(err) == 1 and "momentum" in err[0]
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, momentum="fast", n_caps=7)))
+    assert run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2")[0] == 0
+    assert json.loads((tmp_path / "config.json").read_text()) == config | {"max_epochs": 2}
 
 
-def test_a_folder_locked_by_a_live_run_is_refused_and_a_stale_lock_is_replaced(tmp_path, mnist_dir, capsys):
-    tmp_path.joinpath(".lock").write_text(str(os.getppid()))          # a live process: pytest's parent
+def test_resume_of_a_complete_run_says_so_and_how_to_extend_it(tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
+    before = (tmp_path / "metrics.jsonl").read_text()
+    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume")
+    assert status == 0 and len(err) == 1 and "complete" in err[0] and "--epochs N" in err[0]
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_a_folder_in_use_by_a_run_is_refused_and_freed_when_that_process_dies(tmp_path, mnist_dir, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(60)",
+                               str(tmp_path / ".lock")], stdout=subprocess.PIPE)
+    holder.stdout.readline()                                             # it holds the lock now
     status, err = run_cli(capsys, mnist_dir, tmp_path)
     assert status == 1 and len(err) == 1 and "in use" in err[0]
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    tmp_path.joinpath(".lock").write_text(finished.stdout.strip())    # a process that has ended
-    status, err = run_cli(capsys, mnist_dir, tmp_path)
-    assert status == 0 and any("lock" in line for line in err) and not (tmp_path / ".lock").exists()
+    holder.kill()                                                        # SIGKILL: no clean-up of its own
+    holder.wait()
+    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
 
 
 def test_a_torn_last_metrics_line_is_replaced_on_resume_by_the_checkpoints_metrics(tmp_path, mnist_dir, capsys):
@@ -1203,8 +1228,7 @@ def test_a_torn_last_metrics_line_is_replaced_on_resume_by_the_checkpoints_metri
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"epoch": 1, "st')                                     # a write cut short
     assert run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2")[0] == 0
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 1, 2, 2]
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 1, 2, 2]
 
 
 def test_a_checkpoint_is_loaded_as_data_and_never_runs_code(tmp_path, mnist_dir, capsys):
@@ -1215,18 +1239,32 @@ def test_a_checkpoint_is_loaded_as_data_and_never_runs_code(tmp_path, mnist_dir,
     assert status == 1 and len(err) == 1 and "cannot read" in err[0] and not trap.exists()
 
 
-BAD_VALUES = [["--set", "eval_epochs=0"], ["--set", "n_is_samples=0"], ["--set", "batch_size=-2"],
-              ["--set", "max_epochs=-1"], ["--set", "test_sequences=-5"], ["--set", "lr=-1"],
-              ["--set", "cap_dim=4"], ["--set", "n_transforms=4"], ["--set", "momentum=1.5"]]
+BAD_VALUES = [(["--set", "eval_epochs=0"], "eval_epochs"), (["--set", "n_is_samples=0"], "n_is_samples"),
+              (["--batch-size", "-2"], "batch_size"), (["--epochs", "-1"], "max_epochs"),
+              (["--test-sequences", "-5"], "test_sequences"), (["--lr", "-1"], "lr"),
+              (["--set", "cap_dim=4"], "cap_dim"), (["--set", "n_transforms=4"], "n_transforms"),
+              (["--set", "momentum=1.5"], "momentum"), (["--set", "n_caps=abc"], "n_caps"),
+              (["--set", "group_kernel=[3]"], "group_kernel"), (["--set", "colour=1"], "colour"),
+              (["--epochs", "two"], "--epochs"), (["--device", "gpu"], "cpu, cuda, cuda:N or mps"),
+              (["--set", "lr"], "KEY=VALUE"), (["--dsprites", "real"], "--dsprites")]
 
 
-@pytest.mark.parametrize("option", BAD_VALUES)
-def test_a_bad_config_value_is_one_line_naming_it_before_any_data_is_read(option, tmp_path, monkeypatch, capsys):
+def exit_status(argv):
+    """experiments.main's exit status, also where argparse exits for it."""
+    try:
+        return experiments.main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.mark.parametrize("option, named", BAD_VALUES)
+def test_a_bad_value_or_option_is_one_line_naming_it_before_any_data_is_read(option, named, tmp_path,
+                                                                             monkeypatch, capsys):
     monkeypatch.setattr(datasets, "MNIST_MIRRORS", ["http://127.0.0.1:9/"])      # reading data would fail
-    status = experiments.main(["tvae_Lshort_mnist", "--data-dir", str(tmp_path / "empty"),
-                               "--out", str(tmp_path / "run"), "--device", "cpu", *option])
+    status = exit_status(["tvae_Lshort_mnist", "--data-dir", str(tmp_path / "empty"),
+                          "--out", str(tmp_path / "run"), *option])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and len(err) == 1 and option[1].split("=")[0] in err[0]
+    assert status == 2 and len(err) == 1 and named in err[0]
     assert not (tmp_path / "run").exists()
 
 
@@ -1237,6 +1275,22 @@ def test_an_out_that_is_a_file_and_a_data_dir_that_is_a_file_are_one_line_errors
     assert status == 1 and len(err) == 1 and "--out" in err[0]
     status, err = run_cli(capsys, a_file, tmp_path / "run")
     assert status == 1 and "--data-dir" in err[-1] and "Traceback" not in " ".join(err)
+
+
+def test_missing_data_offline_is_one_line_naming_the_folder_and_exit_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "MNIST_MIRRORS", ["http://127.0.0.1:9/"])      # a closed local port
+    status = experiments.main(["tvae_Lhalf_mnist", "--data-dir", str(tmp_path / "empty"),
+                               "--out", str(tmp_path / "run"), "--device", "cpu"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert status == 1 and len(errors) == 1
+    assert str(tmp_path / "empty") in errors[0] and "--data-dir" in errors[0]
+
+
+def test_a_nan_loss_stops_the_run_before_the_update_naming_the_step_and_term(tmp_path, mnist_dir, capsys):
+    status, err = run_cli(capsys, mnist_dir, tmp_path, "--lr", "1e30", "--train-sequences", "12")
+    assert status == 1 and "non-finite loss" in err[-1] and "in epoch 1, step 2;" in err[-1]
+    assert str(tmp_path / "checkpoint.pt") in err[-1] and "Traceback" not in " ".join(err)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["step"] == 0   # the untrained one
 
 
 def test_importing_without_numpy_prints_no_warning():
@@ -1252,53 +1306,10 @@ def test_show_prints_the_whole_resolved_config(capsys):
     assert shown == dict(json.loads(json.dumps(experiments.EXPERIMENTS["tvae_Lhalf_mnist"])), lr=0.002)
 
 
-def test_report_prints_table_1_from_the_runs_files(tmp_path, mnist_dir, capsys):
-    assert run_cli(capsys, mnist_dir, tmp_path / "a")[0] == 0
-    assert run_cli(capsys, mnist_dir, tmp_path / "b", name="nontvae_mnist")[0] == 0
-    assert experiments.main(["--report", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
-    report = capsys.readouterr().out
-    last = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert "### Table 1" in report and "`tvae_Lshort_mnist`" in report and "`nontvae_mnist`" in report
-    assert f"{last['test_eq_error']:,.0f}" in report and f"{last['test_log_likelihood'] + math.log(1):,.1f}" in report
-    assert "| `tvae_Lshort_mnist` | 1 | 1 | single, 2 | 2 |" in report          # epochs, steps, test set, evaluations
-
-
-def test_report_keeps_figure_4_out_of_table_1_and_lists_its_evaluations_by_epochs_trained(tmp_path, mnist_dir,
-                                                                                          capsys):
-    assert run_cli(capsys, mnist_dir, tmp_path / "a")[0] == 0
-    assert run_cli(capsys, mnist_dir, tmp_path / "f4", "--epochs", "3", "--set", "eval_epochs=1", name="tvae_Lpartial_mnist")[0] == 0
-    # A run continued from another run's checkpoint lacks the training lines of the epochs before it.
-    metrics = tmp_path / "f4" / "metrics.jsonl"
-    lines = metrics.read_text().splitlines(keepends=True)
-    metrics.write_text("".join(line for line in lines if '"train_loss"' not in line or '"epoch": 2' in line))
-    assert experiments.main(["--report", str(tmp_path / "a"), str(tmp_path / "f4")]) == 0
-    table_1, over_epochs = capsys.readouterr().out.split("### Table 1")[1].split("### `tvae_Lpartial_mnist`")
-    assert "`tvae_Lshort_mnist`" in table_1 and "tvae_Lpartial_mnist" not in table_1
-    assert "(the first 2 test sequences)" in over_epochs
-    rows = [line.split(" | ") for line in over_epochs.splitlines() if line[:3] in ("| 1", "| 2", "| 3")]
-    assert [row[:2] for row in rows] == [["| 1", "1"], ["| 2", "2"], ["| 3", "3"]]      # epochs trained, steps
-
-
-def test_unknown_name_exits_2_and_suggests_the_closest(capsys):
-    with pytest.raises(SystemExit) as stop:
-        experiments.main(["tvae_lhalf_mnist"])
-    assert stop.value.code == 2 and "tvae_Lhalf_mnist" in capsys.readouterr().err
-
-
-def test_missing_data_offline_is_one_line_naming_the_folder_and_exit_1(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(datasets, "MNIST_MIRRORS", ["http://127.0.0.1:9/"])      # a closed local port
-    status = experiments.main(["tvae_Lhalf_mnist", "--data-dir", str(tmp_path / "empty"),
-                               "--out", str(tmp_path / "run"), "--device", "cpu"])
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert status == 1 and len(errors) == 1
-    assert str(tmp_path / "empty") in errors[0] and "--data-dir" in errors[0]
-
-
-def test_a_set_value_of_the_wrong_type_is_a_one_line_error(capsys):
-    with pytest.raises(SystemExit) as stop:
-        experiments.main(["tvae_Lhalf_mnist", "--set", "n_caps=abc"])
-    error = capsys.readouterr().err
-    assert stop.value.code == 2 and len(error.strip().splitlines()) == 1 and "n_caps" in error
+def test_an_unknown_name_is_one_line_naming_every_experiment(capsys):
+    assert exit_status(["tvae_lhalf_mnist"]) == 2
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert "'tvae_lhalf_mnist'" in error and all(name in error for name in experiments.EXPERIMENTS)
 
 
 def test_list_names_all_16_experiments(capsys):
@@ -1306,26 +1317,134 @@ def test_list_names_all_16_experiments(capsys):
     assert len(capsys.readouterr().out.splitlines()) == 16
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_term(tmp_path, mnist_dir, capsys):
-    status = experiments.main(["tvae_Lshort_mnist", "--data-dir", str(mnist_dir), "--out", str(tmp_path),
-                               "--train-sequences", "8", "--set", "mu_init=NaN", "--device", "cpu"])
-    error = capsys.readouterr().err
-    assert status == 1 and "step 1" in error and "loss" in error and "Traceback" not in error
-
-
 @pytest.mark.parametrize("name", ["tvae_Lshort_mnist", "nontvae_dsprites"])
 def test_the_benchmark_reports_the_step_and_the_shares_of_its_parts(name, mnist_dir, rendered, monkeypatch, capsys):
     monkeypatch.setattr(datasets, "render_dsprites", lambda: rendered)
     experiments.benchmark(name, mnist_dir, "cpu", "procedural", repeats=1, steps=1)
     report = capsys.readouterr().out
-    for part in ("training step", "making the batch", "grouper", "plain MLP"):
+    for part in ("training step", "making the batch", "roll gain"):
         assert part in report
     assert "sequences/s" in report and "nan" not in report
 
 
+# The report reads run folders into the paper's tables: tiny synthetic folders, no training.
+
+def write_run(folder, name, evaluations, torn_tail=None, **config_changes):
+    """A run folder of experiment `name`: its config.json, and metrics.jsonl of the given evaluation records."""
+    folder.mkdir(parents=True)
+    config = {key: value for key, value in experiments.EXPERIMENTS[name].items() if key != "table"} | config_changes
+    (folder / "config.json").write_text(json.dumps(config))
+    lines = [json.dumps({"wall_s": 36.0 * (i + 1), "device": "cpu", **r}) for i, r in enumerate(evaluations)]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n" + (torn_tail or ""))
+    return folder
+
+
+def evaluation(epoch, step, log_p=-100.0, eq=500.0, **extra):
+    return {"epoch": epoch, "step": step, "test_log_likelihood": log_p, "test_eq_error": eq, **extra}
+
+
+def table_rows(markdown, title_start):
+    """The rows of the table whose ### title starts with title_start, each as header → cell."""
+    block = markdown.split(f"### {title_start}", 1)[1].split("\n\n")[1]
+    header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in block.splitlines()]
+    return [dict(zip(header, row)) for row in rows]
+
+
+def test_table1_shows_the_papers_convention_log_k_above_ours(tmp_path):
+    run = write_run(tmp_path / "a", "tvae_Lhalf_mnist", [evaluation(2, 12000, log_p=-100.0)], n_is_samples=10)
+    row, = table_rows(experiments.report([run]), "Table 1")
+    assert row["test log p(x)"] == "-100.0"
+    assert row["paper's convention (+log K)"] == f"{-100.0 + math.log(10):,.1f}" == "-97.7"
+
+
+def test_runs_in_the_papers_order_the_untrained_first(tmp_path):
+    folders = [write_run(tmp_path / "vae", "nontvae_mnist", [evaluation(2, 12000)]),
+               write_run(tmp_path / "half", "tvae_Lhalf_mnist", [evaluation(2, 12000)]),
+               write_run(tmp_path / "half0", "tvae_Lhalf_mnist", [evaluation(0, 0)])]
+    rows = table_rows(experiments.report(folders), "Table 1")
+    assert [(row["experiment"], row["epochs"]) for row in rows] == [
+        ("`tvae_Lhalf_mnist`", "0"), ("`tvae_Lhalf_mnist`", "2"), ("`nontvae_mnist`", "2")]
+
+
+def test_table_membership_comes_from_the_registry_not_the_paper_string(tmp_path):
+    figure4 = write_run(tmp_path / "f4", "tvae_Lpartial_mnist", [evaluation(1, 6000)], paper="Table 1, L=13/36")
+    table1 = write_run(tmp_path / "t1", "tvae_L0_mnist", [evaluation(1, 6000)], paper="")
+    table2 = write_run(tmp_path / "t2", "tvae_Lpartial_dsprites", [evaluation(1, 6000)])
+    text = experiments.report([figure4, table1, table2])
+    assert [row["experiment"] for row in table_rows(text, "Table 1")] == ["`tvae_L0_mnist`"]
+    assert [row["experiment"] for row in table_rows(text, "Table 2")] == ["`tvae_Lpartial_dsprites`"]
+
+
+def test_a_torn_last_line_is_ignored_a_torn_middle_line_is_an_error(tmp_path):
+    run = write_run(tmp_path / "a", "tvae_Lhalf_mnist", [evaluation(0, 0), evaluation(5, 30000)],
+                    torn_tail='{"epoch": 10, "step": 600')
+    config, records, table = experiments.read_run(run)
+    assert config["name"] == "tvae_Lhalf_mnist" and [r["epoch"] for r in records] == [0, 5]
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "st\n' + json.dumps(evaluation(5, 30000)) + "\n")
+    with pytest.raises(experiments.RunError, match="not a readable run folder"):
+        experiments.read_run(run)
+
+
+def test_an_unreadable_folder_is_a_one_line_run_error(tmp_path):
+    with pytest.raises(experiments.RunError) as error:
+        experiments.report([tmp_path / "nothing"])
+    assert "nothing" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_tables_over_epochs_print_every_10th_evaluation_and_the_last(tmp_path):
+    epochs = list(range(0, 121, 5))                                      # 25 evaluations
+    run = write_run(tmp_path / "a", "tvae_Lpartial_mnist", [evaluation(e, 6000 * e) for e in epochs])
+    rows = table_rows(experiments.report([run]), "`tvae_Lpartial_mnist`")
+    assert [row["epochs"] for row in rows] == ["0", "50", "100", "120"]
+    assert rows[-1]["steps"] == "720,000" and rows[-1]["hours"] == "0.25"
+
+
+def test_roll_gains_appear_per_transformation_kind(tmp_path):
+    gains = {"rotation": 0.5, "scale": 0.25, "hue": 0.75}
+    mnist = write_run(tmp_path / "m", "tvae_Lhalf_mnist", [evaluation(2, 12000, test_roll_gain=gains)])
+    factors = {"scale": 0.1, "orientation": 0.2, "posX": 0.3, "posY": 0.4}
+    sprites = write_run(tmp_path / "d", "bubbles_dsprites", [evaluation(1, 6328, test_roll_gain=factors)])
+    dual = write_run(tmp_path / "g", "tvae_Lpartial_mnist_generalization",
+                     [evaluation(e, e, test_roll_gain={"rotation+hue": e / 10}) for e in (0, 1, 2)])
+    text = experiments.report([mnist, sprites, dual])
+    row, = table_rows(text, "Table 1")
+    assert [row[f"roll gain {kind}"] for kind in gains] == ["0.50", "0.25", "0.75"]
+    row, = table_rows(text, "Table 2")
+    assert [row[f"roll gain {kind}"] for kind in factors] == ["0.10", "0.20", "0.30", "0.40"]
+    assert [row["roll gain rotation+hue"] for row in table_rows(text, "`tvae_Lpartial_mnist_generalization`")] == [
+        "0.00", "0.20"]                                             # the first and the last of 3 evaluations
+
+
+def test_missing_values_print_as_a_dash(tmp_path):
+    correlations = {"scale": 0.9, "orientation": None, "posX": 0.5, "posY": 0.5}
+    run = write_run(tmp_path / "d", "nontvae_dsprites", [evaluation(1, 6328, test_capsule_correlation=correlations)])
+    row, = table_rows(experiments.report([run]), "Table 2")
+    assert row["test corr. scale"] == "0.90" and row["test corr. orientation"] == "–"
+    assert row["roll gain scale"] == "–" and row["test E_eq"] == "500"
+
+
+def test_figure3_shows_the_topography_over_epochs(tmp_path):
+    topography = {"selective_units": 232, "same_class_neighbours": 0.885, "shuffled": 0.115, "ratio": 7.7}
+    run = write_run(tmp_path / "map", "tvae_2d_mnist",
+                    [{"epoch": e, "step": 375 * e, "test_log_likelihood": -121.1, "test_topography": topography}
+                     for e in (0, 5, 10)])
+    rows = table_rows(experiments.report([run]), "`tvae_2d_mnist`")
+    assert [row["epochs"] for row in rows] == ["0", "10"]
+    assert (rows[-1]["same class neighbours"], rows[-1]["ratio"]) == ("0.885", "7.70")
+
+
+def test_the_committed_results_are_read():
+    folders = sorted(pathlib.Path(__file__).parent.glob("results/*"))
+    if not folders:
+        pytest.skip("no results/ beside this file")
+    text = experiments.report(folders)
+    assert all(f"### {title}" in text for title in ("Table 1", "Table 2", "`tvae_2d_mnist`"))
+    assert len(table_rows(text, "Table 1")) == 10 and len(table_rows(text, "Table 2")) == 12
+
+
 def test_png_writer_output_decodes_back_to_the_pixels_written(tmp_path):
     image = torch.rand(3, 5, 7)
-    experiments.write_png(tmp_path / "a.png", image)
+    datasets.write_png(tmp_path / "a.png", image)
     data = (tmp_path / "a.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     chunks, position = {}, 8

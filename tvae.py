@@ -489,6 +489,17 @@ def pearson(a, b):
     return (a * b).sum() / (a.norm() * b.norm())
 
 
+def capsule_correlations(offsets, factor_names):
+    """Table 2: per factor, Pearson's r of the estimated and true offsets (None where undefined).
+
+    offsets: capsule_offsets(...) of each batch; factor_names {factor index: name}.
+    """
+    factor, estimate, truth = (torch.cat(part) for part in zip(*offsets))
+    r = {name: pearson(estimate[factor == f], truth[factor == f]).item()
+         for f, name in factor_names.items()}
+    return {name: value if math.isfinite(value) else None for name, value in r.items()}
+
+
 def class_selectivity(t, classes, n_classes=10, threshold=0.85):
     """The class-selectivity map of Figure 3: per unit, the class it prefers, or −1.
 
