@@ -611,7 +611,7 @@ def _table(title, rows):
 
 
 def report(folders):
-    """Markdown from run folders: Table 1 and Table 2 (a run's last evaluation; the untrained first), then
+    """Markdown from run folders: Table 1 and Table 2 (a run's last evaluation, untrained ones first), then
     each run's evaluations over epochs, every 10th and the last (metrics.jsonl holds them all)."""
     runs = sorted([(folder, *read_run(folder)) for folder in folders],
                   key=lambda run: (list(EXPERIMENTS).index(run[1]["name"]), max([r["step"] for r in run[2]] + [0])))
@@ -620,8 +620,9 @@ def report(folders):
         tested = [r for r in records if "test_log_likelihood" in r]
         kinds = {"Table 1": datasets.KINDS[:3], "Table 2": [*datasets.DSPRITES_FACTORS.values()]}.get(table) or [
             *dict.fromkeys(kind for r in tested for kind in r.get("test_roll_gain", {}))]     # in order of appearance
-        if tested and table:
-            tables[table].append(_cells(config, tested[-1], kinds, table))
+        if tested and table:                       # the last evaluation, after the untrained one if there
+            first = [tested[0]] if tested[0]["step"] == 0 and len(tested) > 1 else []
+            tables[table] += [_cells(config, r, kinds, table) for r in first + [tested[-1]]]
         if len(tested) > 2:
             over_epochs += _table(f"`{config['name']}` in {folder}: every 10th evaluation and the last", [
                 _cells(config, r, kinds) for i, r in enumerate(tested) if i % 10 == 0 or i == len(tested) - 1])

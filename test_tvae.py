@@ -1366,6 +1366,13 @@ def test_runs_in_the_papers_order_the_untrained_first(tmp_path):
         ("`tvae_Lhalf_mnist`", "0"), ("`tvae_Lhalf_mnist`", "2"), ("`nontvae_mnist`", "2")]
 
 
+def test_a_table_row_of_a_run_is_its_last_evaluation_after_its_untrained_one(tmp_path):
+    run = write_run(tmp_path / "a", "tvae_Lhalf_mnist", [evaluation(e, 6000 * e) for e in (0, 5, 10)])
+    assert [row["epochs"] for row in table_rows(experiments.report([run]), "Table 1")] == ["0", "10"]
+    trained = write_run(tmp_path / "b", "tvae_Lhalf_mnist", [evaluation(e, 6000 * e) for e in (1, 6)])
+    assert [row["epochs"] for row in table_rows(experiments.report([trained]), "Table 1")] == ["6"]
+
+
 def test_table_membership_comes_from_the_registry_not_the_paper_string(tmp_path):
     figure4 = write_run(tmp_path / "f4", "tvae_Lpartial_mnist", [evaluation(1, 6000)], paper="Table 1, L=13/36")
     table1 = write_run(tmp_path / "t1", "tvae_L0_mnist", [evaluation(1, 6000)], paper="")
