@@ -10,6 +10,10 @@ the authors' published code makes them. Read it top to bottom:
     dSprites npz ──load_dsprites──► grid ──dsprites_sequences──► x (B, S, 1, 64, 64)
                    (render_dsprites)        (dsprites_epoch picks starts and factors)
 
+MnistSequences and DspritesSequences hold one experiment's data on a device: its epochs
+planned up front, its batches of sequences, its fixed test sequences. write_png stores
+pictures of them, and of what a model makes of them, as PNG files.
+
 A sequence batch is (B, S, C, H, W); the model flattens it to N = B·S images
 with the frame index fastest (image b·S + l), and so do the image operations here:
 every random choice is made once per sequence, and all N frames are then
