@@ -584,7 +584,7 @@ def read_run(folder):
 
 
 def _number(value, digits=1):
-    return "–" if value is None else f"{value:,.{digits}f}"
+    return "–" if value is None else f"{round(value, digits) + 0.0:,.{digits}f}"     # + 0.0: no "-0.00"
 
 
 def _cells(config, r, kinds, table=None):
