@@ -148,6 +148,18 @@ def test_units_sharing_a_window_have_correlated_magnitudes_and_independent_signs
     assert abs(tvae.pearson(t[:, 0].sign(), t[:, 1].sign()).item()) < 0.04
 
 
+def test_a_diagonal_window_over_all_frames_makes_frame_ls_divisor_frame_0s_rolled_by_l():
+    # dSprites' L = 1/2 (kT = S, K_W = 1): Eq. (3) sums u²[l + δ, i + δ] over every δ, which is
+    # Σ_τ u²[τ, i − l + τ] = v[0, i − l] for any u: the divisor rolls with time before any training.
+    S = D = 6
+    u2 = torch.rand(1, S, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = tvae.neighbourhood_sum(u2, tvae.topographic_kernel(S, S, n_off_diag=0))[0]        # (S, D)
+    assert all(torch.allclose(v[l], v[0].roll(l)) for l in range(S))
+    for kernel in (tvae.topographic_kernel(3, 3, 0), tvae.topographic_kernel(S, S, 1)):    # a shorter
+        v = tvae.neighbourhood_sum(u2, kernel)[0]        # window, or a band clipped at its corners
+        assert not any(torch.allclose(v[l], v[0].roll(l)) for l in range(1, S))
+
+
 @pytest.mark.parametrize("name", ["tvae_Lhalf_mnist", "tvae_Lpartial_dsprites", "bubbles_mnist"])
 def test_rolling_z_and_u_one_frame_and_one_unit_rolls_t_the_same_way(name):
     grouper, config = small_grouper(experiments.EXPERIMENTS[name], n_caps=3)
