@@ -649,7 +649,7 @@ def parse_args(argv):
     add("--list", action="store_true", help="list every experiment with the figure or table it reproduces")
     add("--show", action="store_true", help="print NAME's whole config, with this command line's changes")
     add("--report", nargs="+", type=Path, metavar="DIR", help="print the paper's tables (Markdown) from run folders")
-    add("--benchmark", action="store_true", help="time a training step of NAME (default tvae_Lhalf_mnist) and its parts")
+    add("--benchmark", action="store_true", help="time a training step of NAME (tvae_Lhalf_mnist) and its parts")
     add("--epochs", type=int, help="epochs to train in all (max_epochs), counting those before a resume; "
         "0 only evaluates the untrained model")
     add("--batch-size", type=int, help="sequences per batch (batch_size)")
