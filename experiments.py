@@ -610,14 +610,15 @@ def _table(title, rows):
             *("| " + " | ".join(row.values()) + " |" for row in rows), ""] if rows else []
 
 
-def report(folders):
+def report(folders, epochs=None):
     """Markdown from run folders: Table 1 and Table 2 (a run's last evaluation, untrained ones first), then
-    each run's evaluations over epochs, every 10th and the last (metrics.jsonl holds them all)."""
+    each run's evaluations over epochs, every 10th and the last (metrics.jsonl holds them all). With epochs,
+    every run as it was after at most that many epochs: runs of unequal length compared at one budget."""
     runs = sorted([(folder, *read_run(folder)) for folder in folders],
                   key=lambda run: (list(EXPERIMENTS).index(run[1]["name"]), max([r["step"] for r in run[2]] + [0])))
     tables, over_epochs = {"Table 1": [], "Table 2": []}, []
     for folder, config, records, table in runs:
-        tested = [r for r in records if "test_log_likelihood" in r]
+        tested = [r for r in records if "test_log_likelihood" in r and (epochs is None or r["epoch"] <= epochs)]
         kinds = {"Table 1": datasets.KINDS[:3], "Table 2": [*datasets.DSPRITES_FACTORS.values()]}.get(table) or [
             *dict.fromkeys(kind for r in tested for kind in r.get("test_roll_gain", {}))]     # in order of appearance
         if tested and table:                       # the last evaluation, after the untrained one if there
@@ -651,7 +652,7 @@ def parse_args(argv):
     add("--report", nargs="+", type=Path, metavar="DIR", help="print the paper's tables (Markdown) from run folders")
     add("--benchmark", action="store_true", help="time a training step of NAME (tvae_Lhalf_mnist) and its parts")
     add("--epochs", type=int, help="epochs to train in all (max_epochs), counting those before a resume; "
-        "0 only evaluates the untrained model")
+        "0 only evaluates the untrained model; with --report, the tables after at most N epochs")
     add("--batch-size", type=int, help="sequences per batch (batch_size)")
     add("--lr", type=float, help="SGD learning rate (lr)")
     add("--seed", type=int, help="seed of initialisation, data order and test sequences (seed)")
@@ -718,7 +719,7 @@ def main(argv=None):
     try:
         if args.report or args.benchmark:
             if args.report:
-                print(report(args.report))
+                print(report(args.report, args.epochs))
             else:
                 benchmark(name, data_dir, pick_device(args.device), args.dsprites or "file")
             return 0

@@ -1385,6 +1385,14 @@ def test_a_table_row_of_a_run_is_its_last_evaluation_after_its_untrained_one(tmp
     assert [row["epochs"] for row in table_rows(experiments.report([trained]), "Table 1")] == ["6"]
 
 
+def test_report_epochs_compares_runs_of_unequal_length_at_one_budget(tmp_path, capsys):
+    run = write_run(tmp_path / "a", "tvae_Lpartial_dsprites", [evaluation(e, 6328 * e) for e in (0, 5, 10, 15, 20)])
+    assert experiments.main(["--report", str(run), "--epochs", "10"]) == 0
+    assert [row["epochs"] for row in table_rows(capsys.readouterr().out, "Table 2")] == ["0", "10"]
+    assert [row["epochs"] for row in table_rows(experiments.report([run], epochs=12), "Table 2")] == ["0", "10"]
+    assert [row["epochs"] for row in table_rows(experiments.report([run], epochs=0), "Table 2")] == ["0"]
+
+
 def test_table_membership_comes_from_the_registry_not_the_paper_string(tmp_path):
     figure4 = write_run(tmp_path / "f4", "tvae_Lpartial_mnist", [evaluation(1, 6000)], paper="Table 1, L=13/36")
     table1 = write_run(tmp_path / "t1", "tvae_L0_mnist", [evaluation(1, 6000)], paper="")
