@@ -557,11 +557,11 @@ def _whole_batches(order, batch_size):
 class MnistSequences:
     """The MNIST digits of the authors' split on a device, and the sequences of one experiment."""
 
-    def __init__(self, data_dir, seed, train_kind, test_kind, colour, device="cpu"):
-        split = mnist_train_test(data_dir, seed=seed)
+    def __init__(self, data_dir, seed, test_seed, train_kind, test_kind, colour, device="cpu"):
+        split = mnist_train_test(data_dir, seed=seed)                  # the held-out fifth: the training seed's
         self.train_digits = split["train"][0].to(device)
         self.test_digits, self.test_classes = (part.to(device) for part in split["test"])
-        self.seed, self.train_kind, self.test_kind, self.colour = seed, train_kind, test_kind, colour
+        self.test_seed, self.train_kind, self.test_kind, self.colour = test_seed, train_kind, test_kind, colour
 
     def plan_epoch(self, batch_size, n_sequences, generator):
         """Each training digit once (the first n_sequences, None: all), shuffled: (n_batches, B, 1)."""
@@ -575,7 +575,7 @@ class MnistSequences:
 
     def test_batches(self, batch_size, n_sequences=None):
         """(x, labels, digit classes) of the first n_sequences test digits: the same for every call."""
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.test_seed)
         n = min(len(self.test_digits), n_sequences or len(self.test_digits))
         for start in range(0, n, batch_size):
             digits = self.test_digits[start:min(start + batch_size, n)]
@@ -594,8 +594,8 @@ class DspritesSequences:
 
     TEST_SEQUENCES = 1024   # dSprites has no test split: a fixed set of sequences for evaluation
 
-    def __init__(self, grid, seed, n_transforms=N_FRAMES_DSPRITES):
-        self.grid, self.seed, self.n_transforms = grid, seed, n_transforms
+    def __init__(self, grid, test_seed, n_transforms=N_FRAMES_DSPRITES):
+        self.grid, self.test_seed, self.n_transforms = grid, test_seed, n_transforms
 
     def plan_epoch(self, batch_size, n_sequences, generator):
         """Every grid point once as a start (the first n_sequences), with a random factor: (n_batches, B, 6)."""
@@ -613,7 +613,7 @@ class DspritesSequences:
     def test_batches(self, batch_size, n_sequences=None):
         """(x, labels, None) of a fixed set of sequences (TEST_SEQUENCES, in whole batches)."""
         n = n_sequences or self.TEST_SEQUENCES
-        for starts, factors in dsprites_epoch(n, min(batch_size, n), torch.Generator().manual_seed(self.seed)):
+        for starts, factors in dsprites_epoch(n, min(batch_size, n), torch.Generator().manual_seed(self.test_seed)):
             yield *self.batch(torch.cat([starts, factors[:, None]], dim=1)), None
 
     def kinds(self, labels):

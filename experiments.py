@@ -30,9 +30,11 @@ import tvae  # noqa: E402
 # ─── The registry: the paper's experiments ───────────────────────────────────
 # Shared by all experiments unless overridden: SGD lr 1e-4, momentum 0.9, batches of 8 sequences, 100 epochs,
 # an evaluation every 5 epochs, 10 importance samples for log p(x); `table`: the paper table it is a row of.
+# `seed` (the authors') draws initialisation, split and training sequences; `test_seed` the test sequences,
+# one test set for every experiment.
 _COMMON = dict(lr=1e-4, momentum=0.9, batch_size=8, max_epochs=100, eval_epochs=5,
                n_is_samples=10, eps=1e-6, mu_init=30.0, n_off_diag=None, map_shape=None,
-               train_sequences=None, test_sequences=None, table=None)
+               train_sequences=None, test_sequences=None, test_seed=1, table=None)
 # MNIST: 18 capsules of 18 units; sequences of S = 18 frames of 28×28 digits, RGB
 # (the digit in the red channel) because the hue may change (datasets.py).
 _MNIST = dict(_COMMON, data="mnist", train_kind="single", test_kind="single",
@@ -196,12 +198,12 @@ def evaluate_if_due(model, data, config, run, state):
 
 @torch.no_grad()
 def evaluate(model, data, config, out_dir, epoch):
-    """Test log p(x) (tvae.py Eqs. (10)–(11)), E_eq (Eq. (9)), the roll gain per kind (Eq. (12)); dSprites
+    """Test log p(x) (tvae.py Eqs. (10)–(11)), E_eq (Eq. (9)), roll gain and accuracy per kind (Eqs. (12)–(13)); dSprites
     adds Table 2's capsule correlations, the 2-D model Figure 3. Pictures: a capsule traversal (Figures 1,
     4, 6, 22, 23) of the first test sequence of each kind, and prior samples."""
     S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
     n_sequences = log_likelihood = eq_error = 0.0
-    roll_sums, offsets, first, test_set = {}, [], None, []
+    roll_sums, hit_sums, kind_counts, offsets, first, test_set = {}, {}, {}, [], None, []
     for x, labels, digit_classes in data.test_batches(max(config["batch_size"], 32), config["test_sequences"]):
         out = model(x)                                            # one posterior sample t per frame
         log_likelihood += model.log_likelihood(x, config["n_is_samples"]).sum().item()
@@ -209,9 +211,11 @@ def evaluate(model, data, config, out_dir, epoch):
         first = first or (x, labels)
         if S > 1:
             eq_error += tvae.equivariance_error(out["t"], S, caps, D).item() * len(x)
-            errors = tvae.roll_errors(model.decoder, x, out["t"], out["probs"], caps, D).cpu()  # (B, 3)
-            for kind, error in zip(data.kinds(labels), errors):
+            errors, hits = tvae.roll_scores(model.decoder, x, out["t"], out["probs"], caps, D)   # (B, 3) each
+            for kind, error, hit in zip(data.kinds(labels), errors.cpu(), hits.cpu()):
                 roll_sums[kind] = roll_sums.get(kind, 0) + error
+                hit_sums[kind] = hit_sums.get(kind, 0) + hit
+                kind_counts[kind] = kind_counts.get(kind, 0) + 1
         if config["data"] == "dsprites":
             offsets.append(tvae.capsule_offsets(out["t"], labels, caps, D))
         if config["grouper"] == "map2d":                          # images, codes, classes for Figure 3
@@ -222,7 +226,10 @@ def evaluate(model, data, config, out_dir, epoch):
         gains = {kind: tvae.roll_gains(roll_sums[kind]) for kind in sorted(roll_sums, key=datasets.KINDS.index)}
         record["test_roll_gain"] = {kind: roll.item() for kind, (roll, own) in gains.items()}
         record["test_self_gain"] = {kind: own.item() for kind, (roll, own) in gains.items()}
-        generator = torch.Generator().manual_seed(config["seed"])    # the same noise every epoch
+        for i, name in enumerate(("still", "roll", "self")):       # Eq. (13): the share of frames hit
+            record[f"test_{name}_accuracy"] = {kind: hit_sums[kind][i].item() / (kind_counts[kind] * (S - 1))
+                                               for kind in gains}
+        generator = torch.Generator().manual_seed(config["test_seed"])    # the same noise every epoch
         x, kinds = first[0], data.kinds(first[1])                 # one traversal per kind, 3 rows each
         rows = [row for kind in sorted(set(kinds), key=datasets.KINDS.index)
                 for row in model.capsule_traversal(x[kinds.index(kind)], caps, D, generator)]
@@ -286,11 +293,11 @@ def load_data(config, data_dir, device):
     if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise datasets.DataError(f"--data-dir {data_dir} is a file; it must be a folder for the data files")
     if config["data"] == "mnist":
-        return datasets.MnistSequences(data_dir, config["seed"], config["train_kind"], config["test_kind"],
-                                       colour=image_shape(config)[0] == 3, device=device)
+        return datasets.MnistSequences(data_dir, config["seed"], config["test_seed"], config["train_kind"],
+                                       config["test_kind"], colour=image_shape(config)[0] == 3, device=device)
     grid = (datasets.render_dsprites() if config["dsprites_source"] == "procedural"
             else datasets.load_dsprites(Path(data_dir) / datasets.DSPRITES_FILE))
-    return datasets.DspritesSequences(grid.to(device), config["seed"], config["n_transforms"])
+    return datasets.DspritesSequences(grid.to(device), config["test_seed"], config["n_transforms"])
 
 
 # ─── The run folder: one checkpoint is the run ───────────────────────────────
@@ -447,7 +454,7 @@ _RULES = {   # key: (the test a value must pass, what it must be)
     **dict.fromkeys(("batch_size", "eval_epochs", "n_is_samples", "n_caps", "cap_dim", "n_transforms"),
                     (lambda v: _is_int(v, 1), "a positive integer")),
     "max_epochs": (lambda v: _is_int(v, 0), "a non-negative integer (0: only evaluate the untrained model)"),
-    "seed": (_is_int, "an integer"),
+    **dict.fromkeys(("seed", "test_seed"), (_is_int, "an integer")),
     **dict.fromkeys(("train_sequences", "test_sequences"),
                     (lambda v: v is None or _is_int(v, 1), "a positive integer or null (all)")),
     **dict.fromkeys(("lr", "eps"), (lambda v: _is_number(v, 0), "a positive number")),
@@ -566,7 +573,7 @@ def benchmark(name, data_dir=None, device="cpu", dsprites_source="file", repeats
         with torch.no_grad():
             out = model(x)
             evaluation_ms = median_ms(lambda: (model(x), model.log_likelihood(x, config["n_is_samples"])))
-            roll_ms = median_ms(lambda: tvae.roll_errors(model.decoder, x, out["t"], out["probs"], caps, D))
+            roll_ms = median_ms(lambda: tvae.roll_scores(model.decoder, x, out["t"], out["probs"], caps, D))
         print(f"  roll gain of a batch, Eq. (12):       {roll_ms:8.2f} ms = {100 * roll_ms / evaluation_ms:.1f}% of "
               f"the rest of evaluating it ({evaluation_ms:.2f} ms: forward + log p(x), K = {config['n_is_samples']})")
 
@@ -599,8 +606,13 @@ def _cells(config, r, kinds, table=None):
         cells[f"test corr. {factor}"] = _number(value, 2)
     for key, value in (r.get("test_topography") or {}).items():
         cells[key.replace("_", " ")] = str(value) if key == "selective_units" else _number(value, 2 + (key != "ratio"))
-    gains = r.get("test_roll_gain") or {}
-    return cells | {f"roll gain {kind}": _number(gains.get(kind), 2) for kind in kinds} | {
+    gains, accuracies = r.get("test_roll_gain") or {}, {
+        name: r.get(f"test_{name}_accuracy") or {} for name in ("roll", "still", "self")}
+    cells |= {f"roll gain {kind}": _number(gains.get(kind), 2) for kind in kinds}
+    cells |= {f"roll accuracy {kind} (still, own)": "–" if kind not in accuracies["roll"] else   # Eq. (13)
+              "{} ({}, {})".format(*(_number(accuracies[name][kind], 2) for name in ("roll", "still", "self")))
+              for kind in kinds}
+    return cells | {
         "hours": _number(r["wall_s"] / 3600 if "wall_s" in r else None, 2)}
 
 
@@ -611,25 +623,30 @@ def _table(title, rows):
 
 
 def report(folders, epochs=None):
-    """Markdown from run folders: Table 1 and Table 2 (a run's last evaluation, untrained ones first), then
-    each run's evaluations over epochs, every 10th and the last (metrics.jsonl holds them all). With epochs,
-    every run as it was after at most that many epochs: runs of unequal length compared at one budget."""
+    """Markdown from run folders: Table 1 and Table 2, each at one budget, the most epochs after which
+    every run of the table was evaluated (at most `epochs` when given), every run's untrained row first;
+    then each run's evaluations over epochs, every 10th and the last (metrics.jsonl holds them all)."""
     runs = sorted([(folder, *read_run(folder)) for folder in folders],
                   key=lambda run: (list(EXPERIMENTS).index(run[1]["name"]), max([r["step"] for r in run[2]] + [0])))
+    tested = {folder: [r for r in records if "test_log_likelihood" in r and (epochs is None or r["epoch"] <= epochs)]
+              for folder, _, records, _ in runs}
+    budgets = {table: max(set.intersection(*({r["epoch"] for r in tested[folder]}
+                                             for folder, _, _, in_table in runs if in_table == table)), default=0)
+               for table in {table for *_, table in runs if table}}
     tables, over_epochs = {"Table 1": [], "Table 2": []}, []
     for folder, config, records, table in runs:
-        tested = [r for r in records if "test_log_likelihood" in r and (epochs is None or r["epoch"] <= epochs)]
         kinds = {"Table 1": datasets.KINDS[:3], "Table 2": [*datasets.DSPRITES_FACTORS.values()]}.get(table) or [
-            *dict.fromkeys(kind for r in tested for kind in r.get("test_roll_gain", {}))]     # in order of appearance
-        if tested and table:                       # the last evaluation, after the untrained one if there
-            first = [tested[0]] if tested[0]["step"] == 0 and len(tested) > 1 else []
-            tables[table] += [_cells(config, r, kinds, table) for r in first + [tested[-1]]]
-        if len(tested) > 2:
+            *dict.fromkeys(kind for r in tested[folder] for kind in r.get("test_roll_gain", {}))]   # as they appear
+        if table:                                  # untrained, then after the table's budget
+            rows = [r for r in tested[folder] if r["epoch"] in {0, budgets[table]}]
+            tables[table] += [_cells(config, r, kinds, table) for r in rows]
+        if len(tested[folder]) > 2:
             over_epochs += _table(f"`{config['name']}` in {folder}: every 10th evaluation and the last", [
-                _cells(config, r, kinds) for i, r in enumerate(tested) if i % 10 == 0 or i == len(tested) - 1])
-    return "\n".join(_table("Table 1: MNIST sequences (epochs 0: the untrained model)", tables["Table 1"])
-                     + _table("Table 2: dSprites sequences (epochs 0: the untrained model)", tables["Table 2"])
-                     + over_epochs)
+                _cells(config, r, kinds) for i, r in enumerate(tested[folder])
+                if i % 10 == 0 or i == len(tested[folder]) - 1])
+    return "\n".join([line for table, data in (("Table 1", "MNIST"), ("Table 2", "dSprites")) for line in _table(
+        f"{table}: {data} sequences after {budgets.get(table)} epochs, each run beside its untrained model",
+        tables[table])] + over_epochs)
 
 
 # ─── Command line ────────────────────────────────────────────────────────────
@@ -655,7 +672,8 @@ def parse_args(argv):
         "0 only evaluates the untrained model; with --report, the tables after at most N epochs")
     add("--batch-size", type=int, help="sequences per batch (batch_size)")
     add("--lr", type=float, help="SGD learning rate (lr)")
-    add("--seed", type=int, help="seed of initialisation, data order and test sequences (seed)")
+    add("--seed", type=int, help="seed of initialisation, split and training sequences (seed); the test "
+        "sequences come from test_seed, the same for every experiment")
     add("--set", action="append", default=[], metavar="KEY=VALUE",
         help="change any config key, VALUE read as JSON (e.g. --set n_is_samples=20); repeatable")
     add("--train-sequences", type=int, help="train on the first N sequences of each epoch only (quick runs)")

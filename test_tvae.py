@@ -24,6 +24,7 @@ import signal
 import struct
 import subprocess
 import sys
+import unittest.mock
 import warnings
 import zipfile
 import zlib
@@ -348,7 +349,7 @@ def test_more_importance_samples_give_on_average_at_least_the_elbo():
     assert model.log_likelihood(x, 50).mean() >= elbo
 
 
-# ─── The roll gain, Eq. (12) ─────────────────────────────────────────────────
+# ─── The roll gain and the roll accuracy, Eqs. (12)–(13) ─────────────────────
 
 class Function(torch.nn.Module):
     """A module that applies a given function: a stand-in for an encoder or the decoder."""
@@ -366,23 +367,24 @@ def test_roll_gain_rolls_frame_0s_code_forward_unit_i_to_i_plus_l():
     # each frame's own code is the frame itself, so E_self = 0. Frame 0 is [1, 0, 0].
     # Moving forward, frames 1 and 2 are [0, 1, 0] = Roll_1 and [0, 0, 1] = Roll_2 of it:
     #   E_static = ‖[1,0,0] − [0,1,0]‖² + ‖[1,0,0] − [0,0,1]‖² = 2 + 2 = 4, E_roll = 0,
-    #   roll gain = (4 − 0) / 4 = 1.
+    #   roll gain = (4 − 0) / 4 = 1; the roll hits both frames, standing still neither.
     # Moving backward, frames 1 and 2 are [0, 0, 1] and [0, 1, 0]: both rolls miss,
     #   E_roll = 2 + 2 = 4, roll gain = (4 − 4) / 4 = 0. The own-code gain is 1 in both.
     identity = Function(lambda t: t)
     forward = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]])
     backward = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]])
-    for frames, errors, gain in ((forward, [4, 0, 0], 1), (backward, [4, 4, 0], 0)):
-        got = tvae.roll_errors(identity, frames.view(1, 3, 1, 1, 3), frames, frames, 1, 3)
-        assert got.tolist() == [errors]
-        roll, own = tvae.roll_gains(got.sum(dim=0))
+    for frames, expected, gain, roll_hits in ((forward, [4, 0, 0], 1, 2), (backward, [4, 4, 0], 0, 0)):
+        errors, hits = tvae.roll_scores(identity, frames.view(1, 3, 1, 1, 3), frames, frames, 1, 3)
+        assert errors.tolist() == [expected] and hits.tolist() == [[0, roll_hits, 2]]
+        roll, own = tvae.roll_gains(errors.sum(dim=0))
         assert (roll.item(), own.item()) == (gain, 1)
 
 
 def equivariant_toy(roll_direction=1):
     """Sequences whose frame l is the decoding of Roll_l t_0: a fixed decoder, codes rolled per frame.
 
-    Returns the arguments of tvae.roll_errors: (decoder, x, t, probs, n_caps, cap_dim).
+    Returns the arguments of tvae.roll_scores: (decoder, x, t, probs, n_caps, cap_dim). The
+    S = 6 frames of each sequence are all different.
     """
     B, S, n_caps, D = 3, 6, 2, 6
     torch.manual_seed(0)
@@ -394,18 +396,59 @@ def equivariant_toy(roll_direction=1):
     return decoder, probs.view(B, S, 1, 4, 5), t, probs, n_caps, D
 
 
-def test_roll_gain_of_an_exactly_equivariant_code_equals_its_own_code_gain():
+def test_an_exact_replay_has_roll_gain_equal_to_its_own_code_gain_and_roll_accuracy_1():
     with torch.no_grad():
-        errors = tvae.roll_errors(*equivariant_toy())                     # (B, 3): static, roll, self
+        errors, hits = tvae.roll_scores(*equivariant_toy())              # (B, 3): static, roll, own
     roll, own = tvae.roll_gains(errors.sum(dim=0))
     assert errors[:, 0].min() > 0 and torch.equal(errors[:, 1], errors[:, 2])
     assert roll.item() == own.item() == 1.0
+    assert hits.tolist() == [[0, 5, 5]] * 3                                # every frame l = 1…5
 
 
-def test_roll_gain_of_codes_rolled_the_other_way_falls_short_of_the_own_code_gain():
+def test_a_roll_the_other_way_hits_only_the_middle_frame():
+    # Rolled backward, decode(Roll_l t_0) is frame S − l: right only where l = S − l = 3.
     with torch.no_grad():
-        roll, own = tvae.roll_gains(tvae.roll_errors(*equivariant_toy(roll_direction=-1)).sum(dim=0))
+        errors, hits = tvae.roll_scores(*equivariant_toy(roll_direction=-1))
+    roll, own = tvae.roll_gains(errors.sum(dim=0))
     assert own.item() == 1.0 and roll.item() < 0.5
+    assert hits.tolist() == [[0, 1, 5]] * 3
+
+
+def test_predicting_the_mean_frame_passes_the_roll_gain_but_not_the_roll_accuracy():
+    # Blur: every frame l ≥ 1 predicted by its sequence's mean frame, which replays nothing,
+    # with decode(t_0) = frame 0. On frames about equally far apart (random pixels) the
+    # gain is about (S + 1) / (2S) ≈ 0.53; the accuracy is at most one frame of S − 1.
+    S, B, P = 18, 4, 400
+    frames = torch.rand(B, S, P, generator=torch.Generator().manual_seed(0))
+    blur = torch.where(torch.arange(S)[:, None] == 0, frames, frames.mean(dim=1, keepdim=True))
+    decoder = Function(lambda codes: blur.reshape(B * S, P))             # row b·S + l: Roll_l t_0
+    x, own_codes = frames.view(B, S, 1, 1, P), frames.reshape(B * S, P)
+    with torch.no_grad():
+        errors, hits = tvae.roll_scores(decoder, x, torch.zeros(B * S, S), own_codes, 1, S)
+    roll, own = tvae.roll_gains(errors.sum(dim=0))
+    assert roll.item() == pytest.approx((S + 1) / (2 * S), abs=0.03) and own.item() == 1.0
+    assert hits[:, 1].max() <= 1 and hits[:, 2].tolist() == [S - 1] * B
+
+
+def test_predictions_are_scored_against_the_input_not_the_reconstruction():
+    # The decoder replays the input exactly under the roll, but the reconstruction is a
+    # blank: scored against it, the roll would miss every frame.
+    decoder, x, t, _, n_caps, D = equivariant_toy()
+    blank = torch.zeros(x.shape[0] * x.shape[1], 20)
+    with torch.no_grad():
+        errors, hits = tvae.roll_scores(decoder, x, t, blank, n_caps, D)
+    assert hits[:, 1].tolist() == [5] * 3 and errors[:, 1].max() == 0
+    assert hits[:, 2].max() <= 1 and errors[:, 2].min() > 0
+
+
+def test_equal_frames_are_ties_and_ties_are_hits():
+    # A factor that returns to its first value: frames 0 and 2 are equal, so standing still
+    # predicts frame 2 as well as any frame can. Roll_2 t_0 = [0, 0, 1] is equally far (2)
+    # from every frame: a tie too, so a hit.
+    identity = Function(lambda t: t)
+    frames = torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 0, 0]])
+    _, hits = tvae.roll_scores(identity, frames.view(1, 3, 1, 1, 3), frames, frames, 1, 3)
+    assert hits.tolist() == [[1, 2, 2]]
 
 
 def test_roll_gain_of_an_untrained_model_is_near_zero():
@@ -418,7 +461,7 @@ def test_roll_gain_of_an_untrained_model_is_near_zero():
     x, _ = datasets.mnist_sequences(digits, "single", colour=True, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(x)
-        errors = tvae.roll_errors(model.decoder, x, out["t"], out["probs"], n_caps, D)
+        errors, _ = tvae.roll_scores(model.decoder, x, out["t"], out["probs"], n_caps, D)
     roll, own = tvae.roll_gains(errors.sum(dim=0))
     assert abs(roll.item()) < 0.05 and abs(own.item()) < 0.05
 
@@ -1075,6 +1118,19 @@ def test_roll_gain_is_recorded_per_transformation_kind_of_the_test_sequences(tmp
              for k in labels["transform"].tolist()}
     assert list(record["test_roll_gain"]) == [k for k in ("rotation", "scale", "hue") if k in kinds]
     assert len(kinds) > 1
+    for name in ("roll", "still", "self"):
+        shares = record[f"test_{name}_accuracy"]
+        assert list(shares) == list(record["test_roll_gain"]) and all(0 <= v <= 1 for v in shares.values())
+
+
+def test_every_experiment_is_tested_on_the_same_sequences_whatever_its_training_seed(mnist_dir, rendered):
+    half, short = (experiments.EXPERIMENTS[name] for name in ("tvae_Lhalf_mnist", "tvae_Lshort_mnist"))
+    assert half["seed"] != short["seed"] and half["test_seed"] == short["test_seed"]
+    sprites = dict(experiments.EXPERIMENTS["tvae_Lhalf_dsprites"], dsprites_source="procedural")
+    for a, b in ((half, short), (sprites, dict(sprites, seed=7))):
+        with unittest.mock.patch.object(datasets, "render_dsprites", lambda: rendered):
+            first, second = (next(experiments.load_data(c, mnist_dir, "cpu").test_batches(8)) for c in (a, b))
+        assert torch.equal(first[0], second[0])
 
 
 class InterruptAt(experiments.Progress):
@@ -1369,13 +1425,15 @@ def test_table1_shows_the_papers_convention_log_k_above_ours(tmp_path):
     assert row["paper's convention (+log K)"] == f"{-100.0 + math.log(10):,.1f}" == "-97.7"
 
 
-def test_runs_in_the_papers_order_the_untrained_first(tmp_path):
-    folders = [write_run(tmp_path / "vae", "nontvae_mnist", [evaluation(2, 12000)]),
-               write_run(tmp_path / "half", "tvae_Lhalf_mnist", [evaluation(2, 12000)]),
-               write_run(tmp_path / "half0", "tvae_Lhalf_mnist", [evaluation(0, 0)])]
-    rows = table_rows(experiments.report(folders), "Table 1")
-    assert [(row["experiment"], row["epochs"]) for row in rows] == [
-        ("`tvae_Lhalf_mnist`", "0"), ("`tvae_Lhalf_mnist`", "2"), ("`nontvae_mnist`", "2")]
+def test_a_table_compares_its_runs_in_the_papers_order_after_the_most_epochs_all_reached(tmp_path):
+    folders = [write_run(tmp_path / "vae", "nontvae_mnist", [evaluation(e, 6000 * e) for e in (0, 5, 10)]),
+               write_run(tmp_path / "half", "tvae_Lhalf_mnist", [evaluation(e, 6000 * e) for e in (0, 5, 7)]),
+               write_run(tmp_path / "sprites", "tvae_Lhalf_dsprites", [evaluation(e, 6328 * e) for e in (0, 5)])]
+    text = experiments.report(folders)
+    assert "### Table 1: MNIST sequences after 5 epochs" in text
+    assert [(row["experiment"], row["epochs"]) for row in table_rows(text, "Table 1")] == [
+        ("`tvae_Lhalf_mnist`", "0"), ("`tvae_Lhalf_mnist`", "5"), ("`nontvae_mnist`", "0"), ("`nontvae_mnist`", "5")]
+    assert [row["epochs"] for row in table_rows(text, "Table 2")] == ["0", "5"]
 
 
 def test_a_table_row_of_a_run_is_its_last_evaluation_after_its_untrained_one(tmp_path):
@@ -1426,9 +1484,11 @@ def test_tables_over_epochs_print_every_10th_evaluation_and_the_last(tmp_path):
     assert rows[-1]["steps"] == "720,000" and rows[-1]["hours"] == "0.25"
 
 
-def test_roll_gains_appear_per_transformation_kind(tmp_path):
+def test_roll_gains_and_accuracies_appear_per_transformation_kind(tmp_path):
     gains = {"rotation": 0.5, "scale": 0.25, "hue": 0.75}
-    mnist = write_run(tmp_path / "m", "tvae_Lhalf_mnist", [evaluation(2, 12000, test_roll_gain=gains)])
+    accuracies = {f"test_{name}_accuracy": {kind: share for kind in gains}
+                  for name, share in (("roll", 0.5), ("still", 0.0), ("self", 1.0))}
+    mnist = write_run(tmp_path / "m", "tvae_Lhalf_mnist", [evaluation(2, 12000, test_roll_gain=gains, **accuracies)])
     factors = {"scale": 0.1, "orientation": 0.2, "posX": 0.3, "posY": 0.4}
     sprites = write_run(tmp_path / "d", "bubbles_dsprites", [evaluation(1, 6328, test_roll_gain=factors)])
     dual = write_run(tmp_path / "g", "tvae_Lpartial_mnist_generalization",
@@ -1436,6 +1496,7 @@ def test_roll_gains_appear_per_transformation_kind(tmp_path):
     text = experiments.report([mnist, sprites, dual])
     row, = table_rows(text, "Table 1")
     assert [row[f"roll gain {kind}"] for kind in gains] == ["0.50", "0.25", "0.75"]
+    assert row["roll accuracy hue (still, own)"] == "0.50 (0.00, 1.00)"
     row, = table_rows(text, "Table 2")
     assert [row[f"roll gain {kind}"] for kind in factors] == ["0.10", "0.20", "0.30", "0.40"]
     assert [row["roll gain rotation+hue"] for row in table_rows(text, "`tvae_Lpartial_mnist_generalization`")] == [
@@ -1447,7 +1508,8 @@ def test_missing_values_print_as_a_dash(tmp_path):
     run = write_run(tmp_path / "d", "nontvae_dsprites", [evaluation(1, 6328, test_capsule_correlation=correlations)])
     row, = table_rows(experiments.report([run]), "Table 2")
     assert row["test corr. scale"] == "0.90" and row["test corr. orientation"] == "–"
-    assert row["roll gain scale"] == "–" and row["test E_eq"] == "500"
+    assert row["roll gain scale"] == "–" and row["roll accuracy scale (still, own)"] == "–"
+    assert row["test E_eq"] == "500"
 
 
 def test_figure3_shows_the_topography_over_epochs(tmp_path):

@@ -62,15 +62,27 @@ Metrics. t̂ is each capsule divided by its L2 norm; Roll_k moves unit i to i + 
        z_k, u_k ~ q (K importance samples)
 The authors' code leaves out − log K: its figures are log K (2.30 nats for
 K = 10) higher. E_eq is in Tables 1 and 2, log p(x) in Table 1. Figure 4's
-claim, that rolling frame 0's capsules replays the input, as one number per
-transformation:
+claim, that rolling frame 0's capsules replays the input, as two numbers per
+transformation, this implementation's and not the paper's. Every frame l ≥ 1
+is predicted three ways: decode(t_0) (static: nothing moves),
+decode(Roll_l t_0) (the roll) and decode(t_l) (the own code, the reference).
   (12) roll gain     = Σ (E_static − E_roll) / Σ E_static,
        own-code gain = Σ (E_static − E_self) / Σ E_static
-with E_static, E_roll, E_self the squared errors of decode(t_0),
-decode(Roll_l t_0) and decode(t_l) against frame l, summed over frames l ≥ 1
-and sequences. 0: rolling is no better than standing still; equal to the
-own-code gain (its ceiling): the roll predicts each frame as well as encoding
-that frame does.
+with E the squared errors of the three predictions against frame l, summed
+over frames l ≥ 1 and sequences. 0: rolling is no better than standing
+still; equal to the own-code gain: the roll predicts each frame as well as
+encoding that frame does. Blur scores well on (12): predicting every frame by
+the sequence's mean frame, which replays nothing, scores (S + 1) / (2S) ≈ 0.53
+where all frames are equally far apart and decode(t_0) is frame 0. So (13)
+counts frames instead:
+  (13) roll accuracy = the share of frames l ≥ 1 for which no frame of the
+       input sequence is strictly nearer (squared error) to decode(Roll_l t_0)
+       than frame l itself
+and likewise the static and own-code accuracies. A frame guessed at random
+scores about 1/S; one prediction for every l (a mean frame, a blank) at most
+1/(S − 1) when no two frames are equal; standing still, where decode(t_0)
+is nearest frame 0, scores 0 unless a frame repeats frame 0 (a dSprites
+factor that returns to its first value).
 
 Symbols, paper → code:
   z, u, t     z, u, t; (N, d) tensors (the authors' code calls t "s")
@@ -428,32 +440,42 @@ def equivariance_error(t, n_transforms, n_caps, cap_dim):
     return distances.sum(dim=(1, 2)).mean() / 2                   # each pair l0 < l1 once
 
 
-def roll_errors(decoder, x, t, probs, n_caps, cap_dim):
-    """The squared errors of the three predictions of Eq. (12), frames 1…S−1 of each sequence.
+def roll_scores(decoder, x, t, probs, n_caps, cap_dim):
+    """Per sequence, Eq. (12)'s squared errors and Eq. (13)'s hits of the three predictions.
 
     x (B, S, C, H, W) the input sequences; t (N, d) one posterior sample of
     their codes (Eq. (6)) and probs (N, C·H·W) its decoding, as TVAE.forward
     returns them; decoder maps codes (M, d) to pixel probabilities (M, C·H·W).
-    Every frame l ≥ 1 is predicted three ways: decode(t_0) (static: nothing
-    moves), decode(Roll_l t_0) (every capsule of frame 0 rolled by l, unit i to
-    i + l, as in Eq. (9) and capsule_traversal) and decode(t_l) (its own
-    code). The error is the squared error, summed over pixels and frames: it
-    is zero exactly when a prediction is the frame, whereas the Bernoulli NLL
-    of Eq. (5) has a floor (the entropy of the grey values themselves) that
-    would shrink every gain. Returns (B, 3): E_static, E_roll, E_self per
-    sequence.
+    Every frame l ≥ 1 is predicted by decode(t_0) (static), decode(Roll_l t_0)
+    (every capsule of frame 0 rolled by l, unit i to i + l, as in Eq. (9) and
+    capsule_traversal) and decode(t_l) (its own code), and each prediction is
+    scored against the INPUT frame, never the reconstruction:
+      errors: squared error summed over pixels and frames (zero exactly when a
+        prediction is the frame, whereas the Bernoulli NLL of Eq. (5) has a
+        floor, the entropy of the grey values, that would shrink every gain);
+      hits: frames for which no input frame is strictly nearer to the
+        prediction than frame l (ties are hits: equal frames occur where a
+        dSprites factor returns to a value; each distance is computed alone,
+        so equal frames give exactly equal distances).
+    Returns errors (B, 3) and hits (B, 3), columns static, roll, own.
     """
     B, S = x.shape[:2]
     capsules = t.view(B, S, n_caps, cap_dim)[:, 0]                # t_0, (B, n_caps, cap_dim)
     rolled = torch.stack([capsules.roll(l, dims=2) for l in range(S)], dim=1)   # Roll_l t_0
     predicted = decoder(rolled.view(B * S, -1)).view(B, S, -1)    # (B, S, C·H·W); l = 0: static
-    target = x.flatten(2)[:, 1:]                        # frames 1…S−1, (B, S−1, C·H·W)
-    static, roll, own = predicted[:, :1], predicted[:, 1:], probs.view(B, S, -1)[:, 1:]
-    return torch.stack([((p - target) ** 2).sum(dim=(1, 2)) for p in (static, roll, own)], dim=1)
+    predictions = torch.stack([predicted[:, :1].expand(-1, S - 1, -1), predicted[:, 1:],
+                               probs.view(B, S, -1)[:, 1:]], dim=1)   # (B, 3, S−1, C·H·W)
+    frames = x.flatten(2)                                         # (B, S, C·H·W)
+    distances = torch.stack([((predictions - frames[:, None, j:j + 1]) ** 2).sum(dim=3)
+                             for j in range(S)], dim=3)           # (B, 3, S−1, S): to every frame
+    to_own_frame = distances[..., 1:].diagonal(dim1=2, dim2=3)    # to frame l itself, (B, 3, S−1)
+    errors = ((predictions - frames[:, None, 1:]) ** 2).sum(dim=(2, 3))   # Eq. (12)'s E, (B, 3)
+    hits = (to_own_frame <= distances.amin(dim=3)).sum(dim=2)     # Eq. (13)'s counts, (B, 3)
+    return errors, hits
 
 
 def roll_gains(errors):
-    """Eq. (12): (roll gain, own-code gain) from roll_errors' errors, summed to (…, 3)."""
+    """Eq. (12): (roll gain, own-code gain) from roll_scores' errors, summed to (…, 3)."""
     static, roll, own = errors.unbind(dim=-1)
     return (static - roll) / static, (static - own) / static
 
