@@ -617,9 +617,11 @@ def _cells(config, r, kinds, table=None):
 
 
 def _table(title, rows):
-    """A titled Markdown table whose header is the first row's keys (nothing without rows)."""
-    return [f"### {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]),
-            *("| " + " | ".join(row.values()) + " |" for row in rows), ""] if rows else []
+    """A titled Markdown table of the columns (header → cell) that hold a value in some row ("–": none)."""
+    columns = [key for key in dict.fromkeys(key for row in rows for key in row)
+               if any(row.get(key, "–") != "–" for row in rows)]
+    return [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(row.get(key, "–") for key in columns) + " |" for row in rows), ""] if rows else []
 
 
 def report(folders, epochs=None):

@@ -1503,13 +1503,15 @@ def test_roll_gains_and_accuracies_appear_per_transformation_kind(tmp_path):
         "0.00", "0.20"]                                             # the first and the last of 3 evaluations
 
 
-def test_missing_values_print_as_a_dash(tmp_path):
+def test_missing_values_print_as_a_dash_and_columns_no_run_has_are_left_out(tmp_path):
     correlations = {"scale": 0.9, "orientation": None, "posX": 0.5, "posY": 0.5}
-    run = write_run(tmp_path / "d", "nontvae_dsprites", [evaluation(1, 6328, test_capsule_correlation=correlations)])
-    row, = table_rows(experiments.report([run]), "Table 2")
-    assert row["test corr. scale"] == "0.90" and row["test corr. orientation"] == "–"
-    assert row["roll gain scale"] == "–" and row["roll accuracy scale (still, own)"] == "–"
-    assert row["test E_eq"] == "500"
+    gains = {"test_roll_gain": {"scale": 0.5}, "test_capsule_correlation": dict(correlations, orientation=0.3)}
+    runs = [write_run(tmp_path / "d", "nontvae_dsprites", [evaluation(1, 6328, test_capsule_correlation=correlations)]),
+            write_run(tmp_path / "b", "bubbles_dsprites", [evaluation(1, 6328, **gains)])]
+    bubbles, vae = table_rows(experiments.report(runs), "Table 2")             # the paper's order
+    assert vae["test corr. scale"] == "0.90" and vae["test corr. orientation"] == "–"
+    assert vae["roll gain scale"] == "–" and bubbles["roll gain scale"] == "0.50" and vae["test E_eq"] == "500"
+    assert "roll gain posX" not in vae and "roll accuracy scale (still, own)" not in vae   # no run has them
 
 
 def test_figure3_shows_the_topography_over_epochs(tmp_path):
