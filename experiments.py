@@ -595,9 +595,11 @@ def _number(value, digits=1):
 
 
 def _cells(config, r, kinds, table=None):
-    """One evaluation r as table cells, header → cell; a row of a paper table names its experiment first."""
+    """One evaluation r as table cells, header → cell; a row of a paper table names its experiment first
+    (and its training seed, where not the registry's)."""
     n = r.get("test_sequences", config["test_sequences"] or (1024 if config["data"] == "dsprites" else None))
-    cells = {"experiment": f"`{config['name']}`"} if table else {}
+    other_seed = f" (seed {config['seed']})" * (config["seed"] != EXPERIMENTS[config["name"]]["seed"])
+    cells = {"experiment": f"`{config['name']}`{other_seed}"} if table else {}
     cells |= {"epochs": str(r["epoch"]), "steps": f"{r['step']:,}", "test sequences": f"{n:,}" if n else "all",
               "test E_eq": _number(r.get("test_eq_error"), 0), "test log p(x)": _number(r["test_log_likelihood"])}
     if table == "Table 1":          # the authors' code leaves out − log K (tvae.py Eq. (11))

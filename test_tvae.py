@@ -1418,6 +1418,13 @@ def table_rows(markdown, title_start):
     return [dict(zip(header, row)) for row in rows]
 
 
+def test_a_run_with_another_training_seed_is_a_row_of_its_own_that_names_the_seed(tmp_path):
+    runs = [write_run(tmp_path / name, "nontvae_mnist", [evaluation(e, 6000 * e) for e in (0, 40)], seed=seed)
+            for name, seed in (("a", 1), ("b", 3))]
+    rows = table_rows(experiments.report(runs), "Table 1")
+    assert [row["experiment"] for row in rows] == ["`nontvae_mnist`"] * 2 + ["`nontvae_mnist` (seed 3)"] * 2
+
+
 def test_table1_shows_the_papers_convention_log_k_above_ours(tmp_path):
     run = write_run(tmp_path / "a", "tvae_Lhalf_mnist", [evaluation(2, 12000, log_p=-100.0)], n_is_samples=10)
     row, = table_rows(experiments.report([run]), "Table 1")
