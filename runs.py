@@ -163,7 +163,8 @@ class RunFolder:
             write(temporary)
             os.replace(temporary, self.folder / name)
         except (OSError, RuntimeError) as error:          # torch.save raises a RuntimeError
-            reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:120]
+            reason = (error.strerror if isinstance(error, OSError) and error.strerror
+                      else f"{str(error).splitlines()[0][:120]}; is the disk full?")
             kept = (f"its last checkpoint is kept: free some space, then continue with --resume"
                     if self.checkpoint.exists() else "free some space, then start again")
             raise RunError(f"cannot write {name} in {self.folder} ({reason}); {kept}") from None
