@@ -1084,17 +1084,19 @@ def unbroken(tmp_path_factory, mnist_dir):
     return config, records, torch.load(folder / "checkpoint.pt", weights_only=True)["model"]
 
 
-# Stops at report k (of a step or a test batch) of each start. Ctrl-C: in the untrained evaluation; in epoch 1
-# at step 2 of 3 (that start evaluated the untrained model again first); in the evaluation after epoch 1; in
-# the last evaluation. SIGTERM: in epoch 1; at the last step of epoch 2, before that epoch is logged.
-@pytest.mark.parametrize("stops, signal_number", [([1, 3, 4, 5], signal.SIGINT), ([3, 7], signal.SIGTERM)])
-def test_a_run_stopped_at_any_moment_and_resumed_ends_as_an_unbroken_one(stops, signal_number, unbroken,
+# Stops at report k (of a step or a test batch) of each start, leaving a checkpoint after `epochs`. Ctrl-C:
+# in the untrained evaluation; in epoch 1 at step 2 of 3 (that start evaluated the untrained model again first);
+# in the evaluation after epoch 1; in the last one. SIGTERM: in epoch 1; at epoch 2's last step, not yet logged.
+@pytest.mark.parametrize("stops, epochs, signal_number", [([1, 3, 4, 5], [0, 0, 1, 2], signal.SIGINT),
+                                                          ([3, 7], [0, 1], signal.SIGTERM)])
+def test_a_run_stopped_at_any_moment_and_resumed_ends_as_an_unbroken_one(stops, epochs, signal_number, unbroken,
                                                                            tmp_path, mnist_dir):
     config, records, weights = unbroken
-    for k in stops:
+    for k, epoch in zip(stops, epochs):
         with pytest.raises(KeyboardInterrupt):
             experiments.train(config, tmp_path, mnist_dir, resume=(tmp_path / "checkpoint.pt").exists(),
                               progress=StopAt(k, signal_number))
+        assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["epoch"] == epoch
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL             # handlers restored
     resumed = experiments.train(config, tmp_path, mnist_dir, resume=True, progress=StopAt())
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
@@ -1122,8 +1124,7 @@ def test_epochs_are_counted_as_epochs_trained_in_metrics_pictures_and_progress(t
 
 def test_epochs_0_evaluates_the_untrained_model_only(tmp_path, mnist_dir, capsys):
     assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "0")[0] == 0 and (tmp_path / "traversal_000.png").exists()
-    [record] = read_metrics(tmp_path)
-    assert record["step"] == 0 and "train_loss" not in record and math.isfinite(record["test_log_likelihood"])
+    assert [(r["epoch"], r["step"], "test_sequences" in r) for r in read_metrics(tmp_path)] == [(0, 0, True)]
 
 
 class Terminal(io.StringIO):
@@ -1131,11 +1132,10 @@ class Terminal(io.StringIO):
         return True
 
 
-@pytest.mark.parametrize("where", ["training", "the last evaluation"])
-def test_a_stopped_run_says_on_its_own_line_what_it_holds_and_how_to_go_on(where, tmp_path, mnist_dir, monkeypatch,
-                                                                            capsys):
-    calls, function = [], {"training": "train_step", "the last evaluation": "evaluate"}[where]
-    original = getattr(experiments, function)
+@pytest.mark.parametrize("function", ["train_step", "evaluate"])      # stopped in training, in the last evaluation
+def test_a_stopped_run_says_on_its_own_line_what_it_holds_and_how_to_go_on(function, tmp_path, mnist_dir,
+                                                                            monkeypatch, capsys):
+    calls, original = [], getattr(experiments, function)
 
     def stopped_at_the_second(*args):              # of 2 steps, of 2 evaluations
         calls.append(args)
@@ -1147,8 +1147,8 @@ def test_a_stopped_run_says_on_its_own_line_what_it_holds_and_how_to_go_on(where
     assert run_cli(capsys, mnist_dir, tmp_path, "--train-sequences", "8")[0] == 130
     [line] = [line for line in terminal.getvalue().split("\n") if line.startswith("stopped")]
     assert line.startswith(f"stopped; {tmp_path} holds tvae_Lshort_mnist after ") and "complete" not in line
-    assert {"training": "after 0 epochs of 1. Continue with: ", "the last evaluation": "after 1 epoch of 1; its "
-            "evaluation after 1 epoch did not finish and runs again first. Continue"}[where] in line
+    assert {"train_step": "after 0 epochs of 1. Continue with: ", "evaluate": "after 1 epoch of 1; its "
+            "evaluation after 1 epoch did not finish and runs again first. Continue"}[function] in line
     monkeypatch.undo()
     assert experiments.main(shlex.split(line.split("Continue with: ")[1])[2:]) == 0
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 1]
