@@ -668,8 +668,8 @@ def main(argv=None):
     name = args.name or "tvae_Lhalf_mnist"
     out, progress = args.out or Path("runs") / name, Progress()
 
-    def resume(name):                                   # the command that continues a run
-        return (f"python experiments.py {name} --resume --out {out}"
+    def resume(experiment):                             # the command that continues a run
+        return (f"python experiments.py {experiment} --resume --out {out}"
                 + (f" --data-dir {args.data_dir}" if args.data_dir else "")
                 + (f" --device {args.device}" if args.device != "auto" else ""))
 
@@ -696,14 +696,16 @@ def main(argv=None):
         records = train(config, out, args.data_dir, device, args.resume, args.overwrite, progress)
     except (datasets.DataError, RunError, OSError) as error:
         progress.end_line()
-        if isinstance(error, OSError):             # e.g. a picture that could not be written
-            error = f"{error.filename or out}: {error.strerror or error}"
+        if isinstance(error, OSError):             # a picture that could not be written
+            error = (f"cannot write {error.filename or out} ({error.strerror or error}); the last "
+                     f"checkpoint is kept: continue with --resume once the file can be written")
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
     except KeyboardInterrupt:                      # Ctrl-C or SIGTERM: the checkpoint is as it was
         progress.end_line()
         saved = read_checkpoint(out, mmap=True) if (out / "checkpoint.pt").exists() else None
-        print(f"stopped; {where_it_stands(out, saved, resume)}", file=sys.stderr)
+        print("stopped" if args.report or args.benchmark
+              else f"stopped; {where_it_stands(out, saved, resume)}", file=sys.stderr)
         return 130
     print(f"done: {json.dumps(records[-1])}", file=sys.stderr)
     return 0
