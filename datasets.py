@@ -10,9 +10,9 @@ the authors' published code makes them. Read it top to bottom:
     dSprites npz ──load_dsprites──► grid ──dsprites_sequences──► x (B, S, 1, 64, 64)
                    (render_dsprites)        (dsprites_epoch picks starts and factors)
 
-MnistSequences and DspritesSequences hold one experiment's data on a device: its epochs
-planned up front, its batches of sequences, its fixed test sequences. write_png stores
-pictures of them, and of what a model makes of them, as PNG files.
+MnistSequences and DspritesSequences hold one experiment's data on a device: its training
+epochs, made batch by batch, and its fixed test sequences. write_png stores pictures of
+them, and of what a model makes of them, as PNG files.
 
 A sequence batch is (B, S, C, H, W); the model flattens it to N = B·S images
 with the frame index fastest (image b·S + l), and so do the image operations here:
@@ -537,11 +537,10 @@ def dsprites_sequences(grid, starts, factors, n_transforms=N_FRAMES_DSPRITES):
 
 
 # ─── An experiment's epochs and test sequences ───────────────────────────────
-# The same three calls for MNIST and dSprites. An epoch is planned up front as
-# a (n_batches, B, k) tensor of what to draw, so a checkpoint can hold it and a
-# resumed run continues mid-epoch exactly where it stopped; the sequences are
-# made batch by batch on the device of the data. Every random choice comes from
-# one CPU generator, so a seed gives the same epochs and test set on any device.
+# The same calls for MNIST and dSprites. epoch() shuffles the training set and
+# then makes the sequences batch by batch on the device of the data; n_batches()
+# and test_size() say how many there will be. Every random choice comes from one
+# CPU generator, so a seed gives the same epochs and test set on any device.
 # kinds(labels) names the transformation each sequence walks.
 
 KINDS = ("rotation", "scale", "hue", "rotation+hue", "perspective+hue", "orientation", "posX", "posY")
@@ -558,25 +557,32 @@ class MnistSequences:
     """The MNIST digits of the authors' split on a device, and the sequences of one experiment."""
 
     def __init__(self, data_dir, seed, test_seed, train_kind, test_kind, colour, device="cpu"):
-        split = mnist_train_test(data_dir, seed=seed)                  # the held-out fifth: the training seed's
+        split = mnist_train_test(data_dir, seed=seed)              # the held-out fifth: seed's
         self.train_digits = split["train"][0].to(device)
         self.test_digits, self.test_classes = (part.to(device) for part in split["test"])
-        self.test_seed, self.train_kind, self.test_kind, self.colour = test_seed, train_kind, test_kind, colour
+        self.test_seed, self.train_kind, self.test_kind = test_seed, train_kind, test_kind
+        self.colour = colour
 
-    def plan_epoch(self, batch_size, n_sequences, generator):
-        """Each training digit once (the first n_sequences, None: all), shuffled: (n_batches, B, 1)."""
+    def epoch(self, batch_size, n_sequences, generator):
+        """Each training digit once (the first n_sequences of a shuffled order, None: all) as a
+        sequence, in batches x (B, S, C, H, W); the order is drawn first, then each batch."""
         order = torch.randperm(len(self.train_digits), generator=generator)[:n_sequences]
-        return _whole_batches(order, batch_size)[..., None]
+        for rows in _whole_batches(order, batch_size):
+            digits = self.train_digits[rows.to(self.train_digits.device)]
+            yield mnist_sequences(digits, self.train_kind, self.colour, generator)[0]
 
-    def batch(self, rows, generator):
-        """x (B, S, C, H, W) and labels (mnist_sequences) for one row of the plan."""
-        digits = self.train_digits[rows[:, 0].to(self.train_digits.device)]
-        return mnist_sequences(digits, self.train_kind, self.colour, generator)
+    def n_batches(self, batch_size, n_sequences):
+        """How many batches epoch() yields."""
+        return min(len(self.train_digits), n_sequences or len(self.train_digits)) // batch_size
+
+    def test_size(self, batch_size, n_sequences=None):
+        """How many sequences test_batches() yields: the first n_sequences test digits (or all)."""
+        return min(len(self.test_digits), n_sequences or len(self.test_digits))
 
     def test_batches(self, batch_size, n_sequences=None):
         """(x, labels, digit classes) of the first n_sequences test digits: the same for every call."""
         generator = torch.Generator().manual_seed(self.test_seed)
-        n = min(len(self.test_digits), n_sequences or len(self.test_digits))
+        n = self.test_size(batch_size, n_sequences)
         for start in range(0, n, batch_size):
             digits = self.test_digits[start:min(start + batch_size, n)]
             x, labels = mnist_sequences(digits, self.test_kind, self.colour, generator)
@@ -597,24 +603,32 @@ class DspritesSequences:
     def __init__(self, grid, test_seed, n_transforms=N_FRAMES_DSPRITES):
         self.grid, self.test_seed, self.n_transforms = grid, test_seed, n_transforms
 
-    def plan_epoch(self, batch_size, n_sequences, generator):
-        """Every grid point once as a start (the first n_sequences), with a random factor: (n_batches, B, 6)."""
-        batches = [torch.cat([starts, factors[:, None]], dim=1)
-                   for starts, factors in dsprites_epoch(n_sequences, batch_size, generator)]
-        if not batches:
+    def epoch(self, batch_size, n_sequences, generator):
+        """Every grid point once as a start (the first n_sequences of a shuffled order), with a
+        random factor, in batches x (B, S, 1, 64, 64); dsprites_epoch draws all of it first."""
+        batches = dsprites_epoch(n_sequences, batch_size, generator)
+        if self.n_batches(batch_size, n_sequences) == 0:
             raise DataError(f"fewer sequences ({n_sequences}) than one batch ({batch_size})")
-        return torch.stack(batches)
+        for starts, factors in batches:
+            yield dsprites_sequences(self.grid, starts, factors, self.n_transforms)[0]
 
-    def batch(self, rows, generator=None):
-        """x (B, S, 1, 64, 64) and labels (B, S, 5) for one row of the plan: 5 start indices and a factor."""
-        rows = rows.to(self.grid.device)
-        return dsprites_sequences(self.grid, rows[:, :5], rows[:, 5], self.n_transforms)
+    def n_batches(self, batch_size, n_sequences):
+        """How many batches epoch() yields."""
+        n = math.prod(DSPRITES_GRID)
+        return min(n, n_sequences or n) // batch_size
+
+    def test_size(self, batch_size, n_sequences=None):
+        """How many sequences test_batches() yields: n_sequences (or TEST_SEQUENCES) in whole
+        batches."""
+        n = n_sequences or self.TEST_SEQUENCES
+        return n // min(batch_size, n) * min(batch_size, n)
 
     def test_batches(self, batch_size, n_sequences=None):
         """(x, labels, None) of a fixed set of sequences (TEST_SEQUENCES, in whole batches)."""
         n = n_sequences or self.TEST_SEQUENCES
-        for starts, factors in dsprites_epoch(n, min(batch_size, n), torch.Generator().manual_seed(self.test_seed)):
-            yield *self.batch(torch.cat([starts, factors[:, None]], dim=1)), None
+        generator = torch.Generator().manual_seed(self.test_seed)
+        for starts, factors in dsprites_epoch(n, min(batch_size, n), generator):
+            yield *dsprites_sequences(self.grid, starts, factors, self.n_transforms), None
 
     def kinds(self, labels):
         """Per sequence of a batch (labels (B, S, 5)): the factor that moves from frame 0 to frame 1."""
@@ -632,13 +646,15 @@ def write_png(path, image, scale=1):
     channels, height, width = pixels.shape
     rows = pixels.permute(1, 2, 0).reshape(height, width * channels)
     scanlines = torch.cat([torch.zeros(height, 1, dtype=torch.uint8), rows], dim=1)  # filter type 0 per row
+    raw = bytearray(scanlines.numel())                      # the bytes, copied through a tensor view
+    torch.frombuffer(raw, dtype=torch.uint8).copy_(scanlines.flatten())
 
     def chunk(kind, data):
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, {1: 0, 3: 2}[channels], 0, 0, 0])
     pathlib.Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                           + chunk(b"IDAT", zlib.compress(bytes(scanlines.flatten().tolist()), 6))
+                           + chunk(b"IDAT", zlib.compress(raw, 6))
                            + chunk(b"IEND", b""))
 
 

@@ -11,6 +11,7 @@ the real MNIST files are used where $TVAE_DATA_DIR holds them and skipped,
 with a reason, elsewhere.
 """
 import array
+import errno
 import gzip
 import hashlib
 import io
@@ -20,6 +21,7 @@ import os
 import pathlib
 import pickle
 import re
+import shlex
 import signal
 import struct
 import subprocess
@@ -37,6 +39,7 @@ import torch  # noqa: E402  (after the filter above)
 
 import datasets
 import experiments
+import runs
 import tvae
 from datasets import DataError
 
@@ -84,8 +87,9 @@ def small_grouper(config, n_caps=2):
     return experiments.build_model(config).grouper, config
 
 
-def brute_force_group(z, u, config, mu):
-    """Eqs. (2)–(4) written out from the config: Σ over the window of u² read at (l+δ, i+δc), wrapped."""
+def brute_force_sum(u, config, kernel):
+    """W ⊛ u² of Eqs. (2)–(4) written out from the config: Σ over the window of u² read at
+    (l+δ, i+δc), wrapped (the kernel is not used: the config alone says what the window is)."""
     S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
     k_time, k_capsule = config["group_kernel"]
     if config["map_shape"]:
@@ -101,34 +105,32 @@ def brute_force_group(z, u, config, mu):
                 continue
             # u²[(l + dt) mod S, (i + dc) mod D] sits at [l, i] after rolling by (−dt, −dc).
             v += u2.roll(shifts=(-dt, -dc), dims=(time_axis, unit_axis))
-    return (z + mu) / torch.sqrt(v.reshape(z.shape) + config["eps"])
+    return v.reshape(u.shape)
+
+
+def plain_sum(u, config, kernel):
+    """W ⊛ u² with the grouper's kernel, by tvae.neighbourhood_sum: one (S, D) torus per capsule
+    of a sequence (or the 2-D map)."""
+    S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
+    if config["map_shape"]:
+        return tvae.neighbourhood_sum((u ** 2).view(-1, *config["map_shape"]), kernel).reshape(u.shape)
+    tori = (u ** 2).view(-1, S, caps, D).transpose(1, 2).reshape(-1, S, D)
+    return tvae.neighbourhood_sum(tori, kernel).view(-1, caps, S, D).transpose(1, 2).reshape(u.shape)
 
 
 TOPOGRAPHIC = [name for name, c in experiments.EXPERIMENTS.items() if c["grouper"] != "none"]
 
 
+@pytest.mark.parametrize("neighbourhood_sum", [brute_force_sum, plain_sum])
 @pytest.mark.parametrize("name", TOPOGRAPHIC)
-def test_grouper_of_every_experiment_sums_the_neighbourhood_its_config_names(name):
-    grouper, config = small_grouper(experiments.EXPERIMENTS[name])
-    n = 3 * config["n_transforms"]
-    z, u = torch.randn(2, n, config["n_caps"] * config["cap_dim"]).double()
-    expected = brute_force_group(z, u, config, grouper.mu.double())
-    assert torch.allclose(grouper.double()(z, u), expected, rtol=1e-10)
-
-
-@pytest.mark.parametrize("name", TOPOGRAPHIC)
-def test_fast_grouper_equals_the_plain_neighbourhood_sum(name):
+def test_grouper_of_every_experiment_divides_by_the_neighbourhood_its_config_names(name, neighbourhood_sum):
+    # t = (z + mu) / sqrt(W ⊛ u² + eps), Eq. (2), with the sum written out from the config, or
+    # summed over the grouper's own kernel the plain way (its fast matrix form must equal both).
     grouper, config = small_grouper(experiments.EXPERIMENTS[name])
     grouper = grouper.double()
-    S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
-    z, u = torch.randn(2, 3 * S, caps * D).double()
-    if config["map_shape"]:
-        v = tvae.neighbourhood_sum((u ** 2).view(-1, *config["map_shape"]), grouper.kernel)
-    else:                                                        # one (S, D) torus per capsule of a sequence
-        tori = (u ** 2).view(3, S, caps, D).transpose(1, 2).reshape(3 * caps, S, D)
-        v = tvae.neighbourhood_sum(tori, grouper.kernel).view(3, caps, S, D).transpose(1, 2)
-    expected = (z + grouper.mu) / torch.sqrt(v.reshape(z.shape) + grouper.eps)
-    assert torch.allclose(grouper(z, u), expected, rtol=1e-12)
+    z, u = torch.randn(2, 3 * config["n_transforms"], config["n_caps"] * config["cap_dim"]).double()
+    expected = (z + grouper.mu) / torch.sqrt(neighbourhood_sum(u, config, grouper.kernel) + grouper.eps)
+    assert torch.allclose(grouper(z, u), expected, rtol=1e-10)
 
 
 # ─── The roll: a topographic and equivariant code ────────────────────────────
@@ -276,19 +278,17 @@ def test_equivariance_error_of_random_unit_vectors_is_chance_level():
     assert abs(error - 13_270) < 0.02 * 13_270
 
 
-def test_fast_equivariance_error_equals_its_pairwise_definition():
-    B, S, caps, D = 3, 5, 2, 7
-    t = torch.randn(B * S, caps * D)
-    assert torch.allclose(tvae.equivariance_error(t, S, caps, D),
-                          tvae.equivariance_error_by_definition(t, S, caps, D), rtol=1e-5)
+def cyclic_form(t, S, caps, D):
+    """E_eq when cap_dim = S: Σ over every roll k of frame and unit together, each pair once."""
+    unit = torch.nn.functional.normalize(t.view(-1, S, caps, D), dim=3)
+    return sum((unit.roll((k, k), dims=(1, 3)) - unit).abs().sum() for k in range(1, S)) / 2 / len(unit)
 
 
-def test_equivariance_error_equals_the_cyclic_form_when_cap_dim_is_S():
-    S = D = 6
+@pytest.mark.parametrize("definition, S, D", [(tvae.equivariance_error_by_definition, 5, 7),
+                                              (cyclic_form, 6, 6)], ids=["pairwise", "cyclic"])
+def test_fast_equivariance_error_equals_its_definition(definition, S, D):
     t = torch.randn(3 * S, 2 * D)
-    unit = torch.nn.functional.normalize(t.view(3, S, 2, D), dim=3)
-    cyclic = sum((unit.roll((k, k), dims=(1, 3)) - unit).abs().sum() for k in range(1, S)) / 2 / 3
-    assert torch.allclose(tvae.equivariance_error(t, S, 2, D), cyclic, rtol=1e-5)
+    assert torch.allclose(tvae.equivariance_error(t, S, 2, D), definition(t, S, 2, D), rtol=1e-5)
 
 
 # ─── log p(x) by importance sampling, Eqs. (10)–(11) ─────────────────────────
@@ -716,40 +716,24 @@ def rotate_one_pixel(x, y, angle, scale=1.0):
     return datasets.rotate_scale(image, torch.tensor([float(angle)]), torch.tensor([scale]))[0, 0]
 
 
-@pytest.mark.parametrize("angle, to_x, to_y", [(90, 10, 8), (180, 8, 18), (270, 18, 20), (-90, 18, 20)])
-def test_rotate_scale_turns_a_positive_angle_anticlockwise_on_screen_about_14_14(angle, to_x, to_y):
+@pytest.mark.parametrize("x, y, angle, scale, to_x, to_y", [
+    (20, 10, 90, 1.0, 10, 8), (20, 10, 180, 1.0, 8, 18), (20, 10, 270, 1.0, 18, 20),
+    (20, 10, -90, 1.0, 18, 20), (14, 14, 90, 1.0, 14, 14), (14, 14, 180, 1.0, 14, 14),
+    (20, 10, 0, 2.0, 26, 6), (20, 10, 90, 2.0, 6, 2)])
+def test_rotate_scale_turns_anticlockwise_about_14_14_where_opencvs_matrix_sends_a_pixel(
+        x, y, angle, scale, to_x, to_y):
     # The pixel at column x = 20, row y = 10 (y down) sits 6 right of and 4 above the
     # centre (14, 14). Anticlockwise on the screen, right turns into up and up into left:
     #   +90°: 6 right → 6 up, 4 up → 4 left: column 14 − 4 = 10, row 14 − 6 = 8.
     #   180°: 6 left, 4 down: column 8, row 18.   +270° = −90°: 4 right, 6 down: column 18, row 20.
     # (A clockwise +90° would land at column 18, row 20; a centre at (13.5, 13.5) at row 7.)
-    out = rotate_one_pixel(20, 10, angle)
-    assert abs(out[to_y, to_x].item() - 1) < 1e-4
-    assert abs(out.sum().item() - 1) < 1e-4                         # the pixel moved, whole
-
-
-@pytest.mark.parametrize("angle", [90, 180, 270])
-def test_rotate_scale_keeps_the_pixel_at_14_14_in_place(angle):
-    # The centre of rotation is (W/2, H/2) = (14, 14) with pixel centres at integers:
-    # the pixel there is a fixed point (half a pixel right and below the image's middle, 13.5).
-    out = rotate_one_pixel(14, 14, angle)
-    assert abs(out[14, 14].item() - 1) < 1e-4
-
-
-def test_rotate_scale_by_2_doubles_distances_from_14_14():
-    # Column 20, row 10 is (+6, −4) from the centre; twice that is (+12, −8): column 26, row 6.
-    out = rotate_one_pixel(20, 10, 0, scale=2.0)
-    assert abs(out[6, 26].item() - 1) < 1e-4
-
-
-@pytest.mark.parametrize("angle, scale", [(90, 1.0), (180, 1.0), (270, 1.0), (0, 2.0), (90, 2.0)])
-def test_rotate_scale_moves_a_pixel_where_opencvs_matrix_sends_it(angle, scale):
-    x, y, cx, cy = 20, 10, 14, 14                                     # an off-centre pixel; centre (W/2, H/2)
+    # The pixel at (14, 14) stays: with pixel centres at integers, (W/2, H/2) is a fixed point.
+    # Scale 2 doubles the offset (+6, −4) to (+12, −8): column 26, row 6; turned by 90°, 2, 6.
     a, b = scale * math.cos(math.radians(angle)), scale * math.sin(math.radians(angle))
-    to_x = round(a * x + b * y + (1 - a) * cx - b * cy)               # OpenCV's getRotationMatrix2D
-    to_y = round(-b * x + a * y + b * cx + (1 - a) * cy)
+    opencv = (round(a * x + b * y + (1 - a) * 14 - b * 14),          # getRotationMatrix2D
+              round(-b * x + a * y + b * 14 + (1 - a) * 14))
     out = rotate_one_pixel(x, y, angle, scale)
-    assert abs(out[to_y, to_x].item() - 1) < 1e-4
+    assert opencv == (to_x, to_y) and abs(out[to_y, to_x].item() - 1) < 1e-4
     if scale == 1:
         assert abs(out.sum().item() - 1) < 1e-4                     # the pixel moved, whole
 
@@ -771,13 +755,6 @@ def test_shift_hue_turns_pure_red_towards_green_first(turn, rgb):
     out = datasets.shift_hue(image, torch.tensor([2 * math.pi * turn]))
     expected = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1) * torch.tensor([1.0, 0.5])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
-
-
-def test_shift_hue_by_a_third_of_a_turn_turns_red_into_green_of_the_same_value():
-    red = torch.zeros(1, 3, 2, 2)
-    red[:, 0] = torch.tensor([[1.0, 0.5], [0.25, 0.0]])
-    green = datasets.shift_hue(red, torch.tensor([2 * math.pi / 3]))
-    assert torch.allclose(green, red[:, [1, 0, 2]], atol=1e-5)
 
 
 def test_perspective_at_angle_0_is_the_identity():
@@ -1089,8 +1066,8 @@ def test_every_experiment_runs_one_short_epoch_end_to_end(name, tmp_path, mnist_
     config = quick_config(name, test_sequences=12 if name == "tvae_2d_mnist" else 2)
     if config["data"] == "dsprites":
         config["dsprites_source"] = "procedural"
-    records, interrupted = experiments.train(config, tmp_path, mnist_dir, "cpu")
-    assert not interrupted and read_metrics(tmp_path) == records
+    records = experiments.train(config, tmp_path, mnist_dir, "cpu")
+    assert read_metrics(tmp_path) == records
     untrained, train_line, test_line = records                 # evaluated before and after the epoch
     assert [(r["epoch"], r["step"]) for r in records] == [(0, 0), (1, 2), (1, 2)]
     assert untrained.keys() == test_line.keys()
@@ -1112,7 +1089,7 @@ def test_every_experiment_runs_one_short_epoch_end_to_end(name, tmp_path, mnist_
 
 def test_roll_gain_is_recorded_per_transformation_kind_of_the_test_sequences(tmp_path, mnist_dir):
     config = quick_config("tvae_Lshort_mnist", max_epochs=0, test_sequences=12)
-    [record], _ = experiments.train(config, tmp_path, mnist_dir)
+    [record] = experiments.train(config, tmp_path, mnist_dir)
     data = experiments.load_data(config, mnist_dir, "cpu")
     kinds = {("rotation", "scale", "hue")[k] for _, labels, _ in data.test_batches(32, 12)
              for k in labels["transform"].tolist()}
@@ -1133,150 +1110,191 @@ def test_every_experiment_is_tested_on_the_same_sequences_whatever_its_training_
         assert torch.equal(first[0], second[0])
 
 
-class InterruptAt(experiments.Progress):
-    """A progress display that sends this process a signal (Ctrl-C's SIGINT by default) after a given step."""
+def test_load_data_without_a_data_dir_reads_the_default_folder(index_npz, monkeypatch):
+    monkeypatch.setenv("TVAE_DATA_DIR", str(index_npz[0].parent))
+    data = experiments.load_data(experiments.EXPERIMENTS["bubbles_dsprites"], None, "cpu")
+    assert data.grid.shape == (3, 5, 15, 15, 15, 1, 4)
 
-    def __init__(self, step, signal_number=signal.SIGINT):
+
+class StopAt(experiments.Progress):
+    """A progress display that sends this process a signal (SIGINT: Ctrl-C) at its k-th report."""
+
+    def __init__(self, k=None, signal_number=signal.SIGINT):
         super().__init__(io.StringIO())
-        self.step, self.steps, self.signal_number = step, 0, signal_number
+        self.k, self.signal_number, self.reports = k, signal_number, 0
 
-    def update(self, done, sequences, running_loss):
-        self.steps += 1
-        if self.steps == self.step:
+    def evaluated(self, *args):
+        self.reports += 1
+        if self.reports == self.k:
             os.kill(os.getpid(), self.signal_number)
 
+    update = evaluated                            # a training step is a report too
 
-@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(signal_number, tmp_path, mnist_dir):
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, mnist_dir):
+    """(config, metrics, weights) of 2 epochs of 3 steps, evaluated at 0, 1 and 2 (one test batch each)."""
     config = quick_config("tvae_Lshort_mnist", max_epochs=2, train_sequences=12, eval_epochs=1)
-    whole, _ = experiments.train(config, tmp_path / "whole", mnist_dir, progress=InterruptAt(None))
-    _, interrupted = experiments.train(config, tmp_path / "parts", mnist_dir,
-                                       progress=InterruptAt(2, signal_number))
-    assert interrupted                                   # stopped in the first epoch, after step 2 of 3
-    resumed, interrupted = experiments.train(config, tmp_path / "parts", mnist_dir, resume=True,
-                                             progress=InterruptAt(None))
-    assert not interrupted and measured(resumed) == measured(whole)
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    folder = tmp_path_factory.mktemp("unbroken")
+    records = experiments.train(config, folder, mnist_dir, progress=StopAt())
+    return config, records, torch.load(folder / "checkpoint.pt", weights_only=True)["model"]
 
 
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing in the loop catches it, so no checkpoint is written on the way out."""
+# Stops at report k (of a step or a test batch) of each start, leaving a checkpoint after `epochs`. Ctrl-C:
+# in the untrained evaluation; in epoch 1 at step 2 of 3 (that start evaluated the untrained model again first);
+# in the evaluation after epoch 1; in the last one. SIGTERM: in epoch 1; at epoch 2's last step, not yet logged.
+@pytest.mark.parametrize("stops, epochs, signal_number", [([1, 3, 4, 5], [0, 0, 1, 2], signal.SIGINT),
+                                                          ([3, 7], [0, 1], signal.SIGTERM)])
+def test_a_run_stopped_at_any_moment_and_resumed_ends_as_an_unbroken_one(stops, epochs, signal_number, unbroken,
+                                                                           tmp_path, mnist_dir):
+    config, records, weights = unbroken
+    for k, epoch in zip(stops, epochs):
+        with pytest.raises(KeyboardInterrupt):
+            experiments.train(config, tmp_path, mnist_dir, resume=(tmp_path / "checkpoint.pt").exists(),
+                              progress=StopAt(k, signal_number))
+        assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["epoch"] == epoch
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL             # handlers restored
+    resumed = experiments.train(config, tmp_path, mnist_dir, resume=True, progress=StopAt())
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert measured(resumed) == measured(records) and all(torch.equal(weights[k], saved[k]) for k in weights)
 
 
-class KillAt(experiments.Progress):
-    def __init__(self, step):
-        super().__init__(io.StringIO())
-        self.step, self.steps = step, 0
-
-    def update(self, done, sequences, running_loss):
-        self.steps += 1
-        if self.steps == self.step:
-            raise Killed
-
-
-def test_a_run_killed_without_warning_resumes_from_its_last_timed_checkpoint(tmp_path, mnist_dir, monkeypatch):
-    assert experiments.CHECKPOINT_EVERY_S <= 600                         # at most 10 minutes of work lost
-    monkeypatch.setattr(experiments, "CHECKPOINT_EVERY_S", 0)           # a timed checkpoint after every step
-    config = quick_config("tvae_Lshort_mnist", max_epochs=1, train_sequences=12)
-    whole, _ = experiments.train(config, tmp_path / "whole", mnist_dir, progress=KillAt(None))
-    with pytest.raises(Killed):
-        experiments.train(config, tmp_path / "parts", mnist_dir, progress=KillAt(2))
-    saved = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["state"]
-    assert (saved["epoch"], saved["step"]) == (0, 1)                      # the step before the kill
-    resumed, _ = experiments.train(config, tmp_path / "parts", mnist_dir, resume=True, progress=KillAt(None))
-    assert measured(resumed) == measured(whole)
-
-
-def run_cli(capsys, mnist_dir, out, *options, name="tvae_Lshort_mnist"):
-    """experiments.main on a tiny run (2 capsules, one batch of 4 sequences, 2 test sequences): (status, stderr lines)."""
-    status = experiments.main([name, "--data-dir", str(mnist_dir), "--out", str(out), "--device", "cpu",
+def run_cli(capsys, data_dir, out, *options, name="tvae_Lshort_mnist"):
+    """experiments.main on a tiny run (2 capsules, a batch of 4 sequences, 2 test sequences): status, stderr lines."""
+    status = experiments.main([name, "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu",
                                "--train-sequences", "4", "--batch-size", "4", "--test-sequences", "2",
                                "--set", "n_is_samples=1", "--set", "n_caps=2", "--epochs", "1", *options])
     return status, capsys.readouterr().err.strip().splitlines()
 
 
 def test_epochs_are_counted_as_epochs_trained_in_metrics_pictures_and_progress(tmp_path, mnist_dir, capsys):
-    assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "2", "--set", "eval_epochs=2")[0] == 0
-    assert [(r["epoch"], r["step"], "train_loss" in r) for r in read_metrics(tmp_path)] == \
+    status, err = run_cli(capsys, mnist_dir, tmp_path, "--epochs", "2", "--set", "eval_epochs=2")
+    assert status == 0 and [(r["epoch"], r["step"], "train_loss" in r) for r in read_metrics(tmp_path)] == \
            [(0, 0, False), (1, 1, True), (2, 2, True), (2, 2, False)]
     assert sorted(p.name for p in tmp_path.glob("traversal_*.png")) == ["traversal_000.png", "traversal_002.png"]
-    progress = io.StringIO()
-    config = quick_config("tvae_Lshort_mnist", max_epochs=2)
-    experiments.train(config, tmp_path / "b", mnist_dir, progress=experiments.Progress(progress, every=0))
-    assert progress.getvalue().startswith("epoch 1/2  step 1/2") and "epoch 2/2  step 2/2" in progress.getvalue()
+    starts = ["evaluating the untrained model on 2 test sequences", "evaluated 2/2 test sequences  ",
+              "epoch 1/2  step 1/1  loss", "epoch 2/2  step 1/1  loss", "evaluating after 2 epochs on 2 test",
+              "evaluated 2/2 test sequences  "]                        # each on its own line
+    assert len(err) == 8 and all(line.startswith(start) for line, start in zip(err[1:7], starts))
 
 
 def test_epochs_0_evaluates_the_untrained_model_only(tmp_path, mnist_dir, capsys):
-    assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "0")[0] == 0
-    [record] = read_metrics(tmp_path)
-    assert record["step"] == 0 and "train_loss" not in record and math.isfinite(record["test_log_likelihood"])
-    assert (tmp_path / "traversal_000.png").exists()
+    assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "0")[0] == 0 and (tmp_path / "traversal_000.png").exists()
+    assert [(r["epoch"], r["step"], "test_sequences" in r) for r in read_metrics(tmp_path)] == [(0, 0, True)]
 
 
-def test_a_second_run_into_a_folder_that_holds_a_run_is_refused_naming_both_choices(tmp_path, mnist_dir, capsys):
-    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("function", ["train_step", "evaluate"])      # stopped in training, in the last evaluation
+def test_a_stopped_run_says_on_its_own_line_what_it_holds_and_how_to_go_on(function, tmp_path, mnist_dir,
+                                                                            monkeypatch, capsys):
+    calls, original = [], getattr(experiments, function)
+
+    def stopped_at_the_second(*args):              # of 2 steps, of 2 evaluations
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args)
+    monkeypatch.setattr(experiments, function, stopped_at_the_second)
+    monkeypatch.setattr(sys, "stderr", terminal := Terminal())            # progress in place
+    assert run_cli(capsys, mnist_dir, tmp_path, "--train-sequences", "8")[0] == 130
+    [line] = [line for line in terminal.getvalue().split("\n") if line.startswith("stopped")]
+    assert line.startswith(f"stopped; {tmp_path} holds tvae_Lshort_mnist after ") and "complete" not in line
+    assert {"train_step": "after 0 epochs of 1. Continue with: ", "evaluate": "after 1 epoch of 1; its "
+            "evaluation after 1 epoch did not finish and runs again first. Continue"}[function] in line
+    monkeypatch.undo()
+    assert experiments.main(shlex.split(line.split("Continue with: ")[1])[2:]) == 0
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 1]
+
+
+@pytest.mark.parametrize("file, error", [
+    ("checkpoint.pt", RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")),
+    ("metrics.jsonl", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))])
+def test_a_full_disk_is_one_line_and_the_run_goes_on_from_its_last_checkpoint_once_there_is_space(
+        file, error, tmp_path, mnist_dir, monkeypatch, capsys):
+    writes, write = [], runs.RunFolder._write
+
+    def fourth_write_fails(self, name, write_to):      # after the last evaluation
+        writes.extend([name] if name == file else [])
+        if writes.count(file) == 4:
+            def write_to(path):
+                path.write_bytes(b"the first bytes")
+                raise error
+        return write(self, name, write_to)
+    monkeypatch.setattr(runs.RunFolder, "_write", fourth_write_fails)
+    status, err = run_cli(capsys, mnist_dir, tmp_path)
+    assert status == 1 and err[-1].startswith(f"error: cannot write {file} in {tmp_path} (")
+    assert "--resume" in err[-1] and "Traceback" not in "".join(err) and not list(tmp_path.glob("*.tmp"))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 1
+    monkeypatch.undo()
+    assert run_cli(capsys, mnist_dir, tmp_path, "--resume")[0] == 0         # the evaluation, again
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 1]
+
+
+def test_a_second_run_into_a_run_is_refused_naming_both_choices_and_overwrite_leaves_nothing_of_the_first(
+        tmp_path, mnist_dir, capsys):
+    assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "2", "--set", "eval_epochs=1")[0] == 0
     before = (tmp_path / "metrics.jsonl").read_text()
     status, err = run_cli(capsys, mnist_dir, tmp_path)
     assert status == 1 and len(err) == 1 and "--resume" in err[0] and "--overwrite" in err[0]
-    assert (tmp_path / "metrics.jsonl").read_text() == before
-
-
-def test_overwrite_replaces_the_old_run_leaving_nothing_of_it(tmp_path, mnist_dir, capsys):
-    assert run_cli(capsys, mnist_dir, tmp_path, "--epochs", "2", "--set", "eval_epochs=1")[0] == 0
-    assert (tmp_path / "traversal_002.png").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == before and (tmp_path / "traversal_002.png").exists()
     assert run_cli(capsys, mnist_dir, tmp_path, "--overwrite")[0] == 0
     assert not (tmp_path / "traversal_002.png").exists()
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 1]
 
 
-def test_a_run_that_fails_before_its_first_step_leaves_nothing_in_the_way(tmp_path, mnist_dir, monkeypatch, capsys):
+def test_a_start_that_fails_its_checks_says_why_in_a_line_and_creates_nothing(tmp_path, mnist_dir, monkeypatch, capsys):
     monkeypatch.setattr(datasets, "MNIST_MIRRORS", ["http://127.0.0.1:9/"])      # offline: a closed local port
     status, err = run_cli(capsys, tmp_path / "empty", tmp_path / "run")
-    assert status == 1 and "--data-dir" in err[-1] and not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert status == 1 and len(err) == 1 and str(tmp_path / "empty") in err[0] and "--data-dir" in err[0]
+    (a_file := tmp_path / "a_file").write_text("")
+    status, err = run_cli(capsys, a_file, tmp_path / "run")
+    assert status == 1 and len(err) == 1 and f"--data-dir {a_file} is a file" in err[0]
+    assert not (tmp_path / "run").exists()
+    status, err = run_cli(capsys, mnist_dir, a_file)
+    assert status == 1 and len(err) == 1 and f"--out {a_file}" in err[0]
     assert run_cli(capsys, mnist_dir, tmp_path / "run")[0] == 0                  # the same command, with data
     status, err = run_cli(capsys, mnist_dir, tmp_path / "other", "--resume")
     assert status == 1 and len(err) == 1 and "no checkpoint" in err[0]
 
 
-def test_resume_under_another_experiment_name_is_refused(tmp_path, mnist_dir, capsys):
+def test_resume_refuses_another_experiment_seed_model_or_data(tmp_path, mnist_dir, capsys):
     assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
-    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2", name="tvae_Lhalf_mnist")
-    assert status == 1 and len(err) == 1 and "tvae_Lshort_mnist" in err[0]
+    for change, key in [(["--seed", "5"], "seed"), (["--set", "cap_dim=9"], "cap_dim"),
+                        (["--train-sequences", "8"], "train_sequences")]:
+        status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2", *change)
+        assert status in (1, 2) and len(err) == 1 and re.search(rf"\b{key}\b", err[0])
+    status, [err] = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--show", name="tvae_Lhalf_mnist")
+    assert status == 1 and err.startswith(f"error: --resume: {tmp_path} holds a run of tvae_Lshort_mnist, not "
+                                          f"tvae_Lhalf_mnist; continue it with: ")    # the folder's own first
+    assert experiments.main(shlex.split(err.split("continue it with: ")[1])[2:]) == 0   # a complete run: says so
 
 
-def test_resume_with_a_new_learning_rate_applies_it_and_says_so(tmp_path, mnist_dir, capsys):
-    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
-    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2", "--lr", "0.003")
-    assert status == 0 and "lr 0.0001 -> 0.003" in err[0]
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == 0.003
-    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.003
-
-
-@pytest.mark.parametrize("change, key", [(["--seed", "5"], "seed"), (["--set", "cap_dim=9"], "cap_dim"),
-                                         (["--train-sequences", "8"], "train_sequences")])
-def test_resume_refuses_changes_to_the_model_the_seed_or_the_data(change, key, tmp_path, mnist_dir, capsys):
-    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
-    status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2", *change)
-    assert status in (1, 2) and len(err) == 1 and re.search(rf"\b{key}\b", err[0])
-
-
-def test_resume_reads_the_checkpoint_not_an_edited_config_json(tmp_path, mnist_dir, capsys):
+def test_resume_reads_the_checkpoint_alone_and_writes_config_json_and_metrics_from_it(tmp_path, mnist_dir, capsys):
     assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, momentum="fast", n_caps=7)))
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 1, "st')                                     # a write cut short
     assert run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2")[0] == 0
     assert json.loads((tmp_path / "config.json").read_text()) == config | {"max_epochs": 2}
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 1, 2, 2]
 
 
-def test_resume_of_a_complete_run_says_so_and_how_to_extend_it(tmp_path, mnist_dir, capsys):
+def test_resume_of_a_complete_run_says_how_to_extend_it_and_a_new_learning_rate_applies(tmp_path, mnist_dir, capsys):
     assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
     before = (tmp_path / "metrics.jsonl").read_text()
     status, err = run_cli(capsys, mnist_dir, tmp_path, "--resume")
-    assert status == 0 and len(err) == 1 and "complete" in err[0] and "--epochs N" in err[0]
+    assert status == 0 and len(err) == 1 and "holds a complete run of tvae_Lshort_mnist (1 epoch)" in err[0]
     assert (tmp_path / "metrics.jsonl").read_text() == before
+    extend = shlex.split(err[0].split("epochs in all: ")[1].replace(" N", " 2"))[2:]
+    assert experiments.main([*extend, "--lr", "0.003"]) == 0
+    assert "resuming" in (err := capsys.readouterr().err) and "after 1 epoch, step 1; lr 0.0001 -> 0.003" in err
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 0.003
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.003
 
 
 def test_a_folder_in_use_by_a_run_is_refused_and_freed_when_that_process_dies(tmp_path, mnist_dir, capsys):
@@ -1289,14 +1307,6 @@ def test_a_folder_in_use_by_a_run_is_refused_and_freed_when_that_process_dies(tm
     holder.kill()                                                        # SIGKILL: no clean-up of its own
     holder.wait()
     assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
-
-
-def test_a_torn_last_metrics_line_is_replaced_on_resume_by_the_checkpoints_metrics(tmp_path, mnist_dir, capsys):
-    assert run_cli(capsys, mnist_dir, tmp_path)[0] == 0
-    with (tmp_path / "metrics.jsonl").open("a") as f:
-        f.write('{"epoch": 1, "st')                                     # a write cut short
-    assert run_cli(capsys, mnist_dir, tmp_path, "--resume", "--epochs", "2")[0] == 0
-    assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 1, 2, 2]
 
 
 def test_a_checkpoint_is_loaded_as_data_and_never_runs_code(tmp_path, mnist_dir, capsys):
@@ -1336,27 +1346,9 @@ def test_a_bad_value_or_option_is_one_line_naming_it_before_any_data_is_read(opt
     assert not (tmp_path / "run").exists()
 
 
-def test_an_out_that_is_a_file_and_a_data_dir_that_is_a_file_are_one_line_errors(tmp_path, mnist_dir, capsys):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("")
-    status, err = run_cli(capsys, mnist_dir, a_file)
-    assert status == 1 and len(err) == 1 and "--out" in err[0]
-    status, err = run_cli(capsys, a_file, tmp_path / "run")
-    assert status == 1 and "--data-dir" in err[-1] and "Traceback" not in " ".join(err)
-
-
-def test_missing_data_offline_is_one_line_naming_the_folder_and_exit_1(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(datasets, "MNIST_MIRRORS", ["http://127.0.0.1:9/"])      # a closed local port
-    status = experiments.main(["tvae_Lhalf_mnist", "--data-dir", str(tmp_path / "empty"),
-                               "--out", str(tmp_path / "run"), "--device", "cpu"])
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert status == 1 and len(errors) == 1
-    assert str(tmp_path / "empty") in errors[0] and "--data-dir" in errors[0]
-
-
-def test_a_nan_loss_stops_the_run_before_the_update_naming_the_step_and_term(tmp_path, mnist_dir, capsys):
+def test_a_nan_loss_stops_the_run_before_the_update_naming_the_epoch_and_term(tmp_path, mnist_dir, capsys):
     status, err = run_cli(capsys, mnist_dir, tmp_path, "--lr", "1e30", "--train-sequences", "12")
-    assert status == 1 and "non-finite loss" in err[-1] and "in epoch 1, step 2;" in err[-1]
+    assert status == 1 and "non-finite loss" in err[-1] and "in epoch 1;" in err[-1]
     assert str(tmp_path / "checkpoint.pt") in err[-1] and "Traceback" not in " ".join(err)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["step"] == 0   # the untrained one
 
