@@ -6,7 +6,7 @@
 
 Read it top to bottom: the registry EXPERIMENTS (keys named as the authors' code names its
 options), build_model, train (the loop), evaluate, the pictures; then, below a marked line,
-the plumbing.
+the plumbing. The run folder that train writes (one checkpoint is the run) is runs.py.
 """
 import argparse
 import json
@@ -162,7 +162,7 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, overwrite=
     B, n_sequences = config["batch_size"], config["train_sequences"]
     with run.open(model, optimizer, generator) as (epoch, step):   # epochs, steps done; 0 if new
         run.save(epoch, step)                                   # from here on, the folder is a run
-        evaluate_if_due(model, data, config, run, epoch, step, progress)   # 0: the untrained model
+        evaluate_if_due(model, data, config, run, epoch, step, progress)   # untrained, or cut off
         for epoch in range(epoch + 1, config["max_epochs"] + 1):  # the epoch trained, from 1
             model.train()
             sums = dict.fromkeys(TERMS, 0.0)

@@ -45,6 +45,7 @@ def read_checkpoint(folder, mmap=False):
 
 
 def epochs_in_words(n):
+    """'1 epoch', '2 epochs'."""
     return f"{n} epoch" + ("" if n == 1 else "s")
 
 
