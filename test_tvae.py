@@ -868,6 +868,16 @@ def test_same_seed_gives_the_same_sequences():
     assert not torch.equal(first[0], other[0])
 
 
+def test_every_experiment_is_tested_on_the_same_sequences_whatever_its_training_seed(mnist_dir, rendered):
+    half, short = (experiments.EXPERIMENTS[name] for name in ("tvae_Lhalf_mnist", "tvae_Lshort_mnist"))
+    assert half["seed"] != short["seed"] and half["test_seed"] == short["test_seed"]
+    sprites = dict(experiments.EXPERIMENTS["tvae_Lhalf_dsprites"], dsprites_source="procedural")
+    for a, b in ((half, short), (sprites, dict(sprites, seed=7))):
+        with unittest.mock.patch.object(datasets, "render_dsprites", lambda: rendered):
+            first, second = (next(experiments.load_data(c, mnist_dir, "cpu").test_batches(8)) for c in (a, b))
+        assert torch.equal(first[0], second[0])
+
+
 # ─── dSprites ────────────────────────────────────────────────────────────────
 
 def npy_bytes(payload, shape, descr="|u1"):
@@ -1098,16 +1108,6 @@ def test_roll_gain_is_recorded_per_transformation_kind_of_the_test_sequences(tmp
     for name in ("roll", "still", "self"):
         shares = record[f"test_{name}_accuracy"]
         assert list(shares) == list(record["test_roll_gain"]) and all(0 <= v <= 1 for v in shares.values())
-
-
-def test_every_experiment_is_tested_on_the_same_sequences_whatever_its_training_seed(mnist_dir, rendered):
-    half, short = (experiments.EXPERIMENTS[name] for name in ("tvae_Lhalf_mnist", "tvae_Lshort_mnist"))
-    assert half["seed"] != short["seed"] and half["test_seed"] == short["test_seed"]
-    sprites = dict(experiments.EXPERIMENTS["tvae_Lhalf_dsprites"], dsprites_source="procedural")
-    for a, b in ((half, short), (sprites, dict(sprites, seed=7))):
-        with unittest.mock.patch.object(datasets, "render_dsprites", lambda: rendered):
-            first, second = (next(experiments.load_data(c, mnist_dir, "cpu").test_batches(8)) for c in (a, b))
-        assert torch.equal(first[0], second[0])
 
 
 def test_load_data_without_a_data_dir_reads_the_default_folder(index_npz, monkeypatch):
