@@ -72,8 +72,7 @@ EXPERIMENTS = {
     "bubbles_mnist": dict(_TABLE1, **_stationary(5, 3), seed=1, paper="Table 1, Bubbles"),
     "tvae_L0_mnist": dict(_TABLE1, **_stationary(1, 3), seed=1, paper="Table 1, L=0"),
     "nontvae_mnist": dict(_TABLE1, **_VAE, seed=1, paper="Table 1, VAE"),
-    # Figures 1, 6, Section B.4: trained on one transformation at a time, tested on rotation and
-    # colour together.
+    # Figures 1, 6, Section B.4: trained one transformation at a time, tested on two together.
     "tvae_Lpartial_mnist_generalization": dict(
         _MNIST, **_shifting(13, 1), test_kind="dual", seed=2,
         paper="Figures 1, 6, Section B.4 (train single, test rotation+colour)"),
@@ -199,13 +198,12 @@ def evaluation_due(config, epoch, records):
 
 @torch.no_grad()
 def evaluate(model, data, config, out_dir, epoch, progress=None):
-    """Test log p(x) (tvae.py Eqs. (10)–(11)), E_eq (Eq. (9)), roll gain and accuracy per kind
-    (Eqs. (12)–(13)); dSprites adds Table 2's capsule correlations, the 2-D model Figure 3.
-    Pictures: a capsule traversal (Figures 1, 4, 6, 22, 23) of the first test sequence of each
-    kind, and prior samples."""
+    """Test log p(x) (tvae.py Eqs. 10–11), E_eq (9), roll gain and accuracy per kind (12–13);
+    dSprites adds Table 2's capsule correlations, the 2-D model Figure 3. Pictures: a traversal
+    (Figures 1, 4, 6, 22, 23) of the first test sequence of each kind, and prior samples."""
     S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
     n_sequences = log_likelihood = eq_error = 0.0
-    roll_sums, hit_sums, kind_counts, offsets, first, test_set = {}, {}, {}, [], None, []
+    roll_sums, offsets, first, test_set = {}, [], None, []
     batch_size, progress = max(config["batch_size"], 32), progress or Progress()
     progress.start_evaluation(epoch, data.test_size(batch_size, config["test_sequences"]))
     for x, labels, digit_classes in data.test_batches(batch_size, config["test_sequences"]):
@@ -216,10 +214,9 @@ def evaluate(model, data, config, out_dir, epoch, progress=None):
         if S > 1:
             eq_error += tvae.equivariance_error(out["t"], S, caps, D).item() * len(x)
             errors, hits = tvae.roll_scores(model.decoder, x, out["t"], out["probs"], caps, D)
-            for kind, error, hit in zip(data.kinds(labels), errors.cpu(), hits.cpu()):   # (3,) each
-                roll_sums[kind] = roll_sums.get(kind, 0) + error
-                hit_sums[kind] = hit_sums.get(kind, 0) + hit
-                kind_counts[kind] = kind_counts.get(kind, 0) + 1
+            scores = torch.cat([errors, hits.float(), torch.ones_like(errors[:, :1])], dim=1)
+            for kind, row in zip(data.kinds(labels), scores.cpu()):   # E (3), hits (3), 1 sequence
+                roll_sums[kind] = roll_sums.get(kind, 0) + row
         if config["data"] == "dsprites":
             offsets.append(tvae.capsule_offsets(out["t"], labels, caps, D))
         if config["grouper"] == "map2d":                      # images, codes, classes for Figure 3
@@ -229,20 +226,19 @@ def evaluate(model, data, config, out_dir, epoch, progress=None):
               "test_log_likelihood": log_likelihood / (n_sequences * S)}
     if S > 1:
         record["test_eq_error"] = eq_error / n_sequences
-        gains = {kind: tvae.roll_gains(roll_sums[kind])
+        gains = {kind: tvae.roll_gains(roll_sums[kind][:3])
                  for kind in sorted(roll_sums, key=datasets.KINDS.index)}
         record["test_roll_gain"] = {kind: roll.item() for kind, (roll, own) in gains.items()}
         record["test_self_gain"] = {kind: own.item() for kind, (roll, own) in gains.items()}
+        hits = {kind: roll_sums[kind][3:].tolist() for kind in gains}   # still, roll, own, count
         for i, name in enumerate(("still", "roll", "self")):   # Eq. (13): the share of frames hit
-            record[f"test_{name}_accuracy"] = {
-                kind: hit_sums[kind][i].item() / (kind_counts[kind] * (S - 1)) for kind in gains}
+            record[f"test_{name}_accuracy"] = {k: h[i] / (h[3] * (S - 1)) for k, h in hits.items()}
         generator = torch.Generator().manual_seed(config["test_seed"])   # the same noise each time
         x, kinds = first[0], data.kinds(first[1])             # one traversal per kind, 3 rows each
         rows = [row for kind in sorted(set(kinds), key=datasets.KINDS.index)
                 for row in model.capsule_traversal(x[kinds.index(kind)], caps, D, generator)]
         save_picture(config, out_dir, "traversal", epoch, rows)
-        save_picture(config, out_dir, "samples", epoch,
-                     list(model.sample(4, S)))                   # 4 sequences from the prior
+        save_picture(config, out_dir, "samples", epoch, list(model.sample(4, S)))   # from the prior
     if offsets:
         record["test_capsule_correlation"] = tvae.capsule_correlations(
             offsets, datasets.DSPRITES_FACTORS)
@@ -271,9 +267,9 @@ def figure3(model, first_batch, images, t, classes, config, out_dir, epoch):
     reconstructions = model(digits[:, None])["probs"].view(digits.shape)
     save_picture(config, out_dir, "reconstruction", epoch, [digits, reconstructions])
     finite = [None if math.isnan(value) else value for value in (share, shuffled)]  # no pairs
+    ratio = share / shuffled if None not in finite and shuffled else None
     return {"selective_units": int((labels >= 0).sum()), "same_class_neighbours": finite[0],
-            "shuffled": finite[1],
-            "ratio": share / shuffled if None not in finite and shuffled else None}
+            "shuffled": finite[1], "ratio": ratio}
 
 
 # ─── Pictures ───
