@@ -39,7 +39,6 @@ import torch  # noqa: E402  (after the filter above)
 
 import datasets
 import experiments
-import runs
 import tvae
 from datasets import DataError
 
@@ -1215,7 +1214,7 @@ def test_a_stopped_run_says_on_its_own_line_what_it_holds_and_how_to_go_on(funct
     ("metrics.jsonl", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))])
 def test_a_full_disk_is_one_line_and_the_run_goes_on_from_its_last_checkpoint_once_there_is_space(
         file, error, tmp_path, mnist_dir, monkeypatch, capsys):
-    writes, write = [], runs.RunFolder._write
+    writes, write = [], experiments.RunFolder._write
 
     def fourth_write_fails(self, name, write_to):      # after the last evaluation
         writes.extend([name] if name == file else [])
@@ -1224,7 +1223,7 @@ def test_a_full_disk_is_one_line_and_the_run_goes_on_from_its_last_checkpoint_on
                 path.write_bytes(b"the first bytes")
                 raise error
         return write(self, name, write_to)
-    monkeypatch.setattr(runs.RunFolder, "_write", fourth_write_fails)
+    monkeypatch.setattr(experiments.RunFolder, "_write", fourth_write_fails)
     status, err = run_cli(capsys, mnist_dir, tmp_path)
     assert status == 1 and err[-1].startswith(f"error: cannot write {file} in {tmp_path} (")
     assert "--resume" in err[-1] and "Traceback" not in "".join(err) and not list(tmp_path.glob("*.tmp"))
