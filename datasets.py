@@ -668,3 +668,20 @@ def image_grid(rows, pad=2, background=0.5):
             top, left = pad + r * (height + pad), pad + c * (width + pad)
             canvas[:, top:top + height, left:left + width] = image.expand(channels, -1, -1)
     return canvas
+
+
+# Ten colours for the digit classes (Figure 3); no grey (between cells), no black (no class).
+CLASS_COLOURS = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
+                              [148, 103, 189], [140, 86, 75], [227, 119, 194], [255, 255, 255],
+                              [188, 189, 34], [23, 190, 207]]) / 255
+
+
+def selectivity_rows(labels, map_shape, class_means):
+    """Figure 3's class-selectivity map as rows of images: a square per unit in its class's colour
+    (labels (d,), −1 black); below, each class's mean test digit (10, C, H, W) in its colour."""
+    colours = torch.cat([CLASS_COLOURS, torch.zeros(1, 3)])[labels.cpu()]   # −1 → black, (d, 3)
+    cells = colours[:, :, None, None].expand(-1, -1, *class_means.shape[2:])  # (d, 3, H, W)
+    means = class_means.cpu().mean(1, keepdim=True)                          # grey, (10, 1, H, W)
+    legend = (means / means.amax(dim=(2, 3), keepdim=True).clamp(min=1e-8)
+              * CLASS_COLOURS[:, :, None, None])
+    return [*cells.split(map_shape[1]), legend]

@@ -6,7 +6,7 @@
 
 Read it top to bottom: the registry EXPERIMENTS (keys named as the authors' code names its
 options), build_model, train (the loop), evaluate, the pictures; then, below a marked line,
-the plumbing: run folder, config checks, progress, benchmark, report, command line.
+the plumbing: run folder, config checks, progress, report, command line.
 """
 import argparse
 import contextlib
@@ -144,15 +144,14 @@ def train_step(model, optimizer, x, config):
     return values
 
 
-def train(config, out_dir, data_dir=None, device="cpu", resume=False, overwrite=False,
-          progress=None):
+def train(config, out_dir, data_dir=None, device="cpu", resume=False, progress=None):
     """Train one experiment for config['max_epochs'] epochs into out_dir; returns its metrics.
     Epochs count epochs trained: the untrained model is evaluated at 0, then every eval_epochs
     and after the last. A checkpoint is saved at the start, at every epoch's end (before that
     epoch's evaluation) and after each evaluation. Ctrl-C or SIGTERM stop at once, keeping the
     last one; resume=True continues from it and ends as an unbroken run would."""
     validate_config(config)
-    run = RunFolder(out_dir, config, device, resume, overwrite)     # checks only: creates nothing
+    run = RunFolder(out_dir, config, device, resume)     # checks only: creates nothing
     torch.manual_seed(config["seed"])
     generator = torch.Generator().manual_seed(config["seed"])      # every random choice of the data
     model = build_model(config).to(run.device)
@@ -262,7 +261,7 @@ def figure3(model, first_batch, images, t, classes, config, out_dir, epoch):
     class_means = torch.stack([images[classes == c].mean(0).nan_to_num()
                                for c in range(10)])                          # (10, C, H, W)
     save_picture(config, out_dir, "selectivity", epoch,
-                 selectivity_rows(labels, map_shape, class_means))
+                 datasets.selectivity_rows(labels, map_shape, class_means))
     digits = first_batch[:16, 0]                                             # (16, C, H, W)
     reconstructions = model(digits[:, None])["probs"].view(digits.shape)
     save_picture(config, out_dir, "reconstruction", epoch, [digits, reconstructions])
@@ -280,28 +279,11 @@ def save_picture(config, out_dir, name, epoch, rows):
                        scale=max(2, 84 // image_shape(config)[1]))
 
 
-# Ten colours for the digit classes (Figure 3); no grey (between cells), no black (no class).
-CLASS_COLOURS = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
-                              [148, 103, 189], [140, 86, 75], [227, 119, 194], [255, 255, 255],
-                              [188, 189, 34], [23, 190, 207]]) / 255
-
-
-def selectivity_rows(labels, map_shape, class_means):
-    """Figure 3's class-selectivity map as rows of images: a square per unit in its class's colour
-    (labels (d,), −1 black); below, each class's mean test digit (10, C, H, W) in its colour."""
-    colours = torch.cat([CLASS_COLOURS, torch.zeros(1, 3)])[labels.cpu()]   # −1 → black, (d, 3)
-    cells = colours[:, :, None, None].expand(-1, -1, *class_means.shape[2:])  # (d, 3, H, W)
-    means = class_means.cpu().mean(1, keepdim=True)                          # grey, (10, 1, H, W)
-    legend = (means / means.amax(dim=(2, 3), keepdim=True).clamp(min=1e-8)
-              * CLASS_COLOURS[:, :, None, None])
-    return [*cells.split(map_shape[1]), legend]
-
-
-# ─── Below: plumbing (data, run folder, config checks, progress, benchmark, report, CLI)
+# ─── Below: plumbing (data, run folder, config checks, progress, report, command line)
 
 def load_data(config, data_dir, device):
     """The experiment's sequences on the device (datasets.py): epoch, test_batches, kinds."""
-    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+    if data_dir is not None and Path(data_dir).is_file():
         raise datasets.DataError(f"--data-dir {data_dir} is a file, not a folder of data files")
     if config["data"] == "mnist":
         return datasets.MnistSequences(data_dir, config["seed"], config["test_seed"],
@@ -313,10 +295,10 @@ def load_data(config, data_dir, device):
 
 
 # ─── The run folder: one checkpoint is the run ───
-# checkpoint.pt holds everything a run needs to go on (config, weights, optimizer, random states,
-# epochs and steps done, the metrics so far); config.json and metrics.jsonl are written from it for
-# people and tools. Every file is written under a temporary name and renamed, and a run holds an
-# operating-system lock on its folder (the README's "Stopping and resuming" lists the guarantees).
+# checkpoint.pt holds all a run needs to go on: config, weights, optimizer, RNG states, epochs and
+# steps done, metrics; resume reads nothing else. config.json and metrics.jsonl are written from
+# it. Each file is written under a temporary name and renamed, so a kill leaves the old one or the
+# new one. A run holds an flock on .lock, which the OS releases however the process ends.
 
 class RunError(RuntimeError):
     """A run cannot start or go on; str() is one line that says why and what to do."""
@@ -340,28 +322,22 @@ def read_checkpoint(folder, mmap=False):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:          # whatever torch.load meets in a damaged or foreign file
         reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-        raise RunError(f"cannot read {path} ({reason}); start again with --overwrite, or into "
-                       f"another --out") from None
+        raise RunError(f"cannot read {path} ({reason}); start again into another --out")
 
 
-def epochs_in_words(n):
-    """'1 epoch', '2 epochs'."""
+def epochs_in_words(n):                                         # '1 epoch', '2 epochs'
     return f"{n} epoch" + ("" if n == 1 else "s")
 
 
 class RunFolder:
-    """The files of one run in out_dir. checkpoint.pt is the run: config, weights, optimizer, RNG
-    states, epochs and steps done, the metrics; resume reads nothing else, and config.json and
-    metrics.jsonl are written from it. Each file is written under a temporary name and renamed,
-    so a kill leaves the old one or the new one. While open, the run holds an flock on .lock (the
-    operating system releases it however the process ends), and SIGTERM stops it as Ctrl-C does."""
+    """The files of one run in out_dir: checked when made, created and locked by open()."""
 
-    def __init__(self, out_dir, config, device, resume=False, overwrite=False):
+    def __init__(self, out_dir, config, device, resume=False):
         self.folder, self.config, self.device = Path(out_dir), config, torch.device(device)
         self.checkpoint = self.folder / "checkpoint.pt"
-        if self.checkpoint.exists() and not (resume or overwrite):
+        if self.checkpoint.exists() and not resume:
             raise RunError(f"--out {self.folder} holds a run already: continue it with --resume, "
-                           f"or replace it with --overwrite")
+                           f"or start again into another --out")
         self.saved = read_checkpoint(self.folder) if resume else None     # reads only
         old = self.saved["config"] if resume else config
         self.changes = {key: (old[key], value) for key, value in config.items()   # labels aside
@@ -371,17 +347,11 @@ class RunFolder:
             old, new = (json.dumps(value) for value in self.changes[key])
             raise RunError(f"--resume: {key} cannot change in a saved run (it ran with {old}, "
                            f"asked {new}); start a new run with another --out")
-        if resume and self.saved["state"].get("plan") is not None:      # saved within an epoch
-            raise RunError(f"--resume: {self.checkpoint} was saved within an epoch by an earlier "
-                           f"experiments.py, which resumed there; this one resumes at an epoch's "
-                           f"end: finish that epoch with the earlier one, or start again with "
-                           f"--overwrite")
 
     @contextlib.contextmanager
     def open(self, model, optimizer, generator):
         """Lock the folder and yield the epochs and steps done: (0, 0) for a new run, else the
-        checkpoint's, whose weights, optimizer and RNG states are loaded (with the changes that
-        --resume allows). Inside, SIGTERM raises KeyboardInterrupt as Ctrl-C does."""
+        checkpoint's, whose states are loaded. Inside, SIGTERM raises KeyboardInterrupt."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             lock = open(self.folder / ".lock", "w")
@@ -392,14 +362,14 @@ class RunFolder:
         except OSError as error:
             raise RunError(f"--out {self.folder}: cannot write there ({error.strerror})") from None
         with lock:
-            epoch, step = self._restore(model, optimizer, generator)
+            state = self._restore(model, optimizer, generator)
             config = json.dumps(self.config, indent=2) + "\n"
             self._write("config.json", lambda path: path.write_text(config))
             self.log()
             handlers = {n: signal.signal(n, signal.default_int_handler)    # KeyboardInterrupt
                         for n in (signal.SIGINT, signal.SIGTERM)}
             try:
-                yield epoch, step
+                yield state["epoch"], state["step"]
             except NonFiniteLoss as error:
                 raise NonFiniteLoss(f"{error} in epoch {self.epoch + 1}; {self.checkpoint} keeps "
                                     f"the run after {epochs_in_words(self.epoch)}") from None
@@ -408,38 +378,35 @@ class RunFolder:
                     signal.signal(number, handler)
 
     def _restore(self, model, optimizer, generator):
-        """A new run: no checkpoint, no pictures of an old one. A resumed one: the checkpoint's
-        weights, optimizer and RNG states, its epochs, steps and metrics. Says which, in a line."""
+        """Load a resumed run's weights, optimizer and RNG states (lr and momentum: the config's);
+        say in a line what runs where. Returns the state: epochs, steps and seconds done."""
         saved, news = self.saved, f"writing to {self.folder}"
-        state = saved["state"] if saved else {"epoch": 0, "step": 0, "wall_s": 0}
-        for path in [] if saved else [self.checkpoint, *self.folder.glob("*_[0-9][0-9][0-9].png")]:
-            path.unlink(missing_ok=True)
         if saved:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
-            for group in optimizer.param_groups:      # the config's lr and momentum run from here
+            for group in optimizer.param_groups:
                 group.update(lr=self.config["lr"], momentum=self.config["momentum"])
             torch.set_rng_state(saved["rng"]["torch"])
             generator.set_state(saved["rng"]["data"])
             if "cuda" in saved["rng"] and self.device.type == "cuda":
                 torch.cuda.set_rng_state(saved["rng"]["cuda"], self.device)
-            news = (f"resuming {self.folder} after {epochs_in_words(state['epoch'])}, "
-                    f"step {state['step']}")
-            news += "".join(f"; {key} {json.dumps(old)} -> {json.dumps(new)}"
-                            for key, (old, new) in self.changes.items())
+            news = (f"resuming {self.folder} after {epochs_in_words(saved['state']['epoch'])}, "
+                    f"step {saved['state']['step']}") + "".join(
+                f"; {key} {json.dumps(old)} -> {json.dumps(new)}"
+                for key, (old, new) in self.changes.items())
         print(f"{self.config['name']}: {self.config['paper']}; {self.device}; {news}",
               file=sys.stderr)
+        state = saved["state"] if saved else {"epoch": 0, "step": 0, "wall_s": 0}
         self.started, self.epoch = time.perf_counter() - state["wall_s"], state["epoch"]
         self.saving, self.records = (model, optimizer, generator), saved["metrics"] if saved else []
         self.saved = None                                   # the state lives on in the loop
-        return state["epoch"], state["step"]
+        return state
 
     def wall_s(self):
         return round(time.perf_counter() - self.started, 1)        # seconds trained and evaluated
 
     def log(self, record=None):
-        """Add a metrics record (with the wall-clock time and the device), then write all of them
-        to metrics.jsonl."""
+        """Add a metrics record, with the time so far and the device; rewrite metrics.jsonl."""
         if record:
             self.records.append(dict(record, wall_s=self.wall_s(), device=str(self.device)))
         text = "".join(json.dumps(r) + "\n" for r in self.records)
@@ -602,59 +569,6 @@ def _duration(seconds):
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-# ─── Benchmark: where a training step's time goes ───
-
-def benchmark(name, data_dir=None, device="cpu", dsprites_source="file", repeats=7, steps=10):
-    """Median times of a training step and, as shares (ratios of times taken side by side
-    survive a noisy machine), of making its batch of sequences and of the roll gain in evaluating
-    a batch."""
-    config = dict(EXPERIMENTS[name])
-    if config["data"] == "dsprites":
-        config["dsprites_source"] = dsprites_source
-    S, caps, D, B = (config[key] for key in ("n_transforms", "n_caps", "cap_dim", "batch_size"))
-    torch.manual_seed(0)
-    model, device = build_model(config).to(device), torch.device(device)
-    optimizer, generator = sgd(model.parameters(), config, device), torch.Generator().manual_seed(0)
-    data = load_data(config, data_dir, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # wait for the GPU
-
-    def endless_batches():                                            # epoch after epoch
-        while True:
-            yield from data.epoch(B, None, generator)
-
-    batches = endless_batches()
-    x = next(batches)                                                 # (B, S, C, H, W)
-
-    def median_ms(fn):
-        times = []
-        for _ in range(repeats + 1):                                  # the first warms up
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            sync()
-            times.append((time.perf_counter() - t0) / steps * 1e3)
-        return sorted(times[1:])[repeats // 2]
-
-    step_ms = median_ms(lambda: train_step(model, optimizer, next(batches), config))
-    data_ms = median_ms(lambda: next(batches))
-    print(f"{name} on {device} ({torch.get_num_threads()} threads), batch {B} sequences x {S} "
-          f"frames x {'x'.join(map(str, image_shape(config)))}, median of {repeats} x {steps}\n"
-          f"  training step (data + forward + E_eq + backward + SGD): {step_ms:8.2f} ms = "
-          f"{B / step_ms * 1e3:.1f} sequences/s\n  making the batch of sequences alone:  "
-          f"{data_ms:8.2f} ms = {100 * data_ms / step_ms:.1f}% of a step")
-    if S > 1:
-        with torch.no_grad():
-            out = model(x)
-            evaluation_ms = median_ms(lambda: (model(x),
-                                               model.log_likelihood(x, config["n_is_samples"])))
-            roll_ms = median_ms(lambda: tvae.roll_scores(model.decoder, x, out["t"], out["probs"],
-                                                         caps, D))
-        print(f"  roll gain and accuracy of a batch:    {roll_ms:8.2f} ms = "
-              f"{100 * roll_ms / evaluation_ms:.1f}% of the rest of evaluating it "
-              f"({evaluation_ms:.2f} ms: forward + log p(x), K = {config['n_is_samples']})")
-
-
 # ─── Report: the paper's tables from run folders ───
 
 def read_run(folder):
@@ -763,7 +677,6 @@ def parse_args(argv):
     add("--list", action="store_true", help="every experiment, with the figure or table it makes")
     add("--show", action="store_true", help="print NAME's config, with this command line's changes")
     add("--report", nargs="+", type=Path, metavar="DIR", help="the paper's tables from run folders")
-    add("--benchmark", action="store_true", help="time a training step of NAME and its parts")
     add("--epochs", type=int, help="epochs in all (max_epochs), those before a resume included; "
         "0: evaluate the untrained model only; with --report: the tables after at most N")
     add("--batch-size", type=int, help="sequences per batch (batch_size)")
@@ -780,9 +693,7 @@ def parse_args(argv):
     add("--out", type=Path, help="output folder (default: runs/NAME)")
     add("--resume", action="store_true", help="continue the run in --out; only "
         + ", ".join(CHANGEABLE_ON_RESUME) + " may change")
-    add("--overwrite", action="store_true", help="replace the run in --out and all its files")
-    add("--dsprites", choices=("file", "procedural"), help="dSprites from the published .npz "
-        "(default) or drawn procedurally")
+    add("--dsprites", choices=("file", "procedural"), help="dSprites: the .npz (default) or drawn")
     return parser, parser.parse_args(argv)
 
 
@@ -813,11 +724,9 @@ def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available()
                             else "mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        if re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-            return torch.zeros(1, device=name).device          # fails where this machine lacks it
-    except (RuntimeError, AssertionError):
-        pass
+    if re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        with contextlib.suppress(RuntimeError, AssertionError):   # this machine lacks it
+            return torch.zeros(1, device=name).device
     raise ConfigError(f"--device {name}: must be cpu, cuda, cuda:N or mps, and on this machine")
 
 
@@ -842,10 +751,10 @@ def main(argv=None):
     if args.list:
         print("\n".join(f"{name:36s} {config['paper']}" for name, config in EXPERIMENTS.items()))
         return 0
-    if not (args.name or args.report or args.benchmark):
+    if not (args.name or args.report):
         parser.error("name the experiment to run (--list shows them)")
-    name = args.name or "tvae_Lhalf_mnist"
-    out, progress = args.out or Path("runs") / name, Progress()
+    name, progress = args.name, Progress()
+    out = args.out or Path("runs", name or "")
 
     def resume(experiment):                             # the command that continues a run
         return (f"python experiments.py {experiment} --resume --out {out}"
@@ -855,9 +764,6 @@ def main(argv=None):
     try:
         if args.report:
             print(report(args.report, args.epochs))
-            return 0
-        if args.benchmark:
-            benchmark(name, args.data_dir, pick_device(args.device), args.dsprites or "file")
             return 0
         saved = read_checkpoint(out, mmap=True) if args.resume else None
         if saved and saved["config"]["name"] != name:
@@ -872,7 +778,7 @@ def main(argv=None):
         if epoch >= config["max_epochs"] and not evaluation_due(config, epoch, saved["metrics"]):
             print(where_it_stands(out, dict(saved, config=config), resume), file=sys.stderr)
             return 0
-        records = train(config, out, args.data_dir, device, args.resume, args.overwrite, progress)
+        records = train(config, out, args.data_dir, device, args.resume, progress)
     except (datasets.DataError, RunError, OSError) as error:
         progress.end_line()
         if isinstance(error, OSError):             # a picture that could not be written
@@ -883,7 +789,7 @@ def main(argv=None):
     except KeyboardInterrupt:                      # Ctrl-C or SIGTERM: the checkpoint is as it was
         progress.end_line()
         saved = read_checkpoint(out, mmap=True) if (out / "checkpoint.pt").exists() else None
-        print("stopped" if args.report or args.benchmark
+        print("stopped" if args.report
               else f"stopped; {where_it_stands(out, saved, resume)}", file=sys.stderr)
         return 130
     print(f"done: {json.dumps(records[-1])}", file=sys.stderr)
