@@ -322,7 +322,7 @@ def read_checkpoint(folder, mmap=False):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:          # whatever torch.load meets in a damaged or foreign file
         reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-        raise RunError(f"cannot read {path} ({reason}); start again into another --out")
+        raise RunError(f"cannot read {path} ({reason}); start again into another --out") from None
 
 
 def epochs_in_words(n):                                         # '1 epoch', '2 epochs'
