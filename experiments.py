@@ -114,12 +114,6 @@ def build_model(config):
     return tvae.TVAE(image_shape(config), d, grouper)
 
 
-def sgd(parameters, config, device):
-    """SGD with momentum, constant learning rate; the fused kernel where torch has one (faster)."""
-    return torch.optim.SGD(parameters, lr=config["lr"], momentum=config["momentum"],
-                           fused=torch.device(device).type in ("cpu", "cuda"))
-
-
 # ─── Training ───
 
 TERMS = ("loss", "nll", "kl", "eq_error")     # what a training step measures, averaged per epoch
@@ -155,7 +149,8 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, progress=N
     torch.manual_seed(config["seed"])
     generator = torch.Generator().manual_seed(config["seed"])      # every random choice of the data
     model = build_model(config).to(run.device)
-    optimizer = sgd(model.parameters(), config, run.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                fused=run.device.type in ("cpu", "cuda"))   # fused: faster
     data, progress = load_data(config, data_dir, run.device), progress or Progress()
     B, n_sequences = config["batch_size"], config["train_sequences"]
     with run.open(model, optimizer, generator) as (epoch, step):   # epochs, steps done; 0 if new
@@ -283,8 +278,6 @@ def save_picture(config, out_dir, name, epoch, rows):
 
 def load_data(config, data_dir, device):
     """The experiment's sequences on the device (datasets.py): epoch, test_batches, kinds."""
-    if data_dir is not None and Path(data_dir).is_file():
-        raise datasets.DataError(f"--data-dir {data_dir} is a file, not a folder of data files")
     if config["data"] == "mnist":
         return datasets.MnistSequences(data_dir, config["seed"], config["test_seed"],
                                        config["train_kind"], config["test_kind"],
@@ -321,8 +314,13 @@ def read_checkpoint(folder, mmap=False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:          # whatever torch.load meets in a damaged or foreign file
-        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-        raise RunError(f"cannot read {path} ({reason}); start again into another --out") from None
+        raise RunError(f"cannot read {path} ({_reason(error)}); start again into another --out"
+                       ) from None
+
+
+def _reason(error):                     # an exception in a few words: the OS's, else its first line
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    return getattr(error, "strerror", None) or f"{type(error).__name__}: {first_line}"
 
 
 def epochs_in_words(n):                                         # '1 epoch', '2 epochs'
@@ -431,11 +429,9 @@ class RunFolder:
             write(temporary)
             os.replace(temporary, self.folder / name)
         except (OSError, RuntimeError) as error:          # torch.save raises a RuntimeError
-            reason = (error.strerror if isinstance(error, OSError) and error.strerror
-                      else f"{str(error).splitlines()[0][:120]}; is the disk full?")
-            kept = (f"its last checkpoint is kept: free some space, then continue with --resume"
-                    if self.checkpoint.exists() else "free some space, then start again")
-            raise RunError(f"cannot write {name} in {self.folder} ({reason}); {kept}") from None
+            then = "continue with --resume" if self.checkpoint.exists() else "start again"
+            raise RunError(f"cannot write {name} in {self.folder} ({_reason(error)}); if the disk "
+                           f"is full, free some space, then {then}") from None
         finally:
             temporary.unlink(missing_ok=True)
 
@@ -519,15 +515,14 @@ def validate_config(config):
 
 class Progress:
     """Where a run is and the time left: the step, sequences/second and running loss in training,
-    the test sequences done in evaluation. In place on a terminal, else a line every 30 s."""
+    the test sequences done in evaluation: a line at each start, then one every `every` seconds."""
 
-    def __init__(self, stream=None, every=30.0):                # stream: sys.stderr by default
-        self.stream = stream or sys.stderr
-        self.in_place, self.line_open = self.stream.isatty(), False
-        self.every, self.last = 0.2 if self.in_place else every, 0.0
+    def __init__(self, stream=None, every=15.0):                # stream: sys.stderr by default
+        self.stream, self.every = stream or sys.stderr, every
 
     def start_epoch(self, epoch, n_epochs, n_batches):        # epoch: the one trained, from 1
-        self.epoch, self.n_epochs, self.total, self.t0 = epoch, n_epochs, n_batches, time.time()
+        self.epoch, self.n_epochs, self.total = epoch, n_epochs, n_batches
+        self.t0, self.last = time.time(), 0.0
 
     def update(self, done, sequences, running_loss):          # done: the epoch's batches so far
         later = (self.n_epochs - self.epoch) * self.total     # the batches of the epochs after
@@ -535,10 +530,9 @@ class Progress:
                    f"{self.total}  loss {running_loss:.1f}", later)
 
     def start_evaluation(self, epoch, n_sequences):
-        self.end_line()
         what = "the untrained model" if epoch == 0 else f"after {epochs_in_words(epoch)}"
-        self.stream.write(f"evaluating {what} on {n_sequences:,} test sequences\n")
-        self.total, self.t0 = n_sequences, time.time()
+        print(f"evaluating {what} on {n_sequences:,} test sequences", file=self.stream)
+        self.total, self.t0, self.last = n_sequences, time.time(), 0.0
 
     def evaluated(self, done):                                # done: test sequences so far
         self._show(done, 1, f"evaluated {done:,}/{self.total:,} test sequences")
@@ -551,17 +545,8 @@ class Progress:
         text += f"  {rate * sequences:.1f} seq/s  left {_duration((self.total - done) / rate)}"
         if later:
             text += f" (run {_duration((self.total - done + later) / rate)})"
-        self.last, self.line_open = now, self.in_place and done < self.total
-        if self.in_place:                          # one line per epoch or evaluation, rewritten
-            text = f"\r{text}\033[K"
-        self.stream.write(text if self.line_open else text + "\n")
-        self.stream.flush()
-
-    def end_line(self):
-        """End a line left open in place, so that what follows starts a line of its own."""
-        if self.line_open:
-            self.stream.write("\n")
-            self.line_open = False
+        self.last = now
+        print(text, file=self.stream, flush=True)
 
 
 def _duration(seconds):
@@ -610,12 +595,10 @@ def _cells(config, r, kinds, table=None):
     cells |= {f"roll gain {kind}": _number((r.get("test_roll_gain") or {}).get(kind), 2)
               for kind in kinds}
     for kind in kinds:                              # Eq. (13): roll (standing still, own code)
-        shares = [_number((r.get(f"test_{name}_accuracy") or {}).get(kind), 2)
-                  for name in ("roll", "still", "self")]
-        cells[f"roll accuracy {kind} (still, own)"] = ("–" if "–" in shares
-                                                       else "{} ({}, {})".format(*shares))
-    return cells | {
-        "hours": _number(r["wall_s"] / 3600 if "wall_s" in r else None, 2)}
+        shares = [(r.get(f"test_{n}_accuracy") or {}).get(kind) for n in ("roll", "still", "self")]
+        cells[f"roll accuracy {kind} (still, own)"] = (
+            "–" if None in shares else "{:.2f} ({:.2f}, {:.2f})".format(*shares))
+    return cells | {"hours": _number(r["wall_s"] / 3600, 2)}
 
 
 def _table(title, rows):
@@ -642,9 +625,7 @@ def report(folders, epochs=None):
                for table in {table for *_, table in runs if table}}
     tables, over_epochs = {"Table 1": [], "Table 2": []}, []
     for folder, config, records, table in runs:
-        kinds = {"Table 1": datasets.KINDS[:3],
-                 "Table 2": [*datasets.DSPRITES_FACTORS.values()]}.get(table) or [
-            *dict.fromkeys(kind for r in tested[folder] for kind in r.get("test_roll_gain", {}))]
+        kinds = [*dict.fromkeys(k for r in tested[folder] for k in r.get("test_roll_gain", {}))]
         if table:                                        # untrained, then after the table's budget
             rows = [r for r in tested[folder] if r["epoch"] in {0, budgets[table]}]
             tables[table] += [_cells(config, r, kinds, table) for r in rows]
@@ -730,22 +711,6 @@ def pick_device(name="auto"):
     raise ConfigError(f"--device {name}: must be cpu, cuda, cuda:N or mps, and on this machine")
 
 
-def where_it_stands(out, saved, resume):
-    """What a run folder holds, in words: the epochs of its checkpoint, whether the run is
-    complete and, if not, the command that continues it (resume(name))."""
-    if saved is None:
-        return f"{out} holds no checkpoint, so nothing to continue: start the run again"
-    config, epoch = saved["config"], saved["state"]["epoch"]
-    due = evaluation_due(config, epoch, saved["metrics"])
-    if epoch >= config["max_epochs"] and not due:
-        return (f"{out} holds a complete run of {config['name']} ({epochs_in_words(epoch)}); to "
-                f"train it further, give the epochs in all: {resume(config['name'])} --epochs N")
-    what = "of the untrained model" if epoch == 0 else f"after {epochs_in_words(epoch)}"
-    return (f"{out} holds {config['name']} after {epochs_in_words(epoch)} of {config['max_epochs']}"
-            + (f"; its evaluation {what} did not finish and runs again first" if due else "")
-            + f". Continue with: {resume(config['name'])}")
-
-
 def main(argv=None):
     parser, args = parse_args(argv)
     if args.list:
@@ -753,7 +718,7 @@ def main(argv=None):
         return 0
     if not (args.name or args.report):
         parser.error("name the experiment to run (--list shows them)")
-    name, progress = args.name, Progress()
+    name = args.name
     out = args.out or Path("runs", name or "")
 
     def resume(experiment):                             # the command that continues a run
@@ -776,21 +741,23 @@ def main(argv=None):
         device = pick_device(args.device)
         epoch = saved["state"]["epoch"] if saved else -1       # a complete run: nothing to do
         if epoch >= config["max_epochs"] and not evaluation_due(config, epoch, saved["metrics"]):
-            print(where_it_stands(out, dict(saved, config=config), resume), file=sys.stderr)
+            print(f"{out} holds a complete run of {name} ({epochs_in_words(epoch)}); to train it "
+                  f"further, give the epochs in all: {resume(name)} --epochs N", file=sys.stderr)
             return 0
-        records = train(config, out, args.data_dir, device, args.resume, progress)
+        records = train(config, out, args.data_dir, device, args.resume)
     except (datasets.DataError, RunError, OSError) as error:
-        progress.end_line()
         if isinstance(error, OSError):             # a picture that could not be written
-            error = (f"cannot write {error.filename or out} ({error.strerror or error}); the last "
-                     f"checkpoint is kept: continue with --resume once the file can be written")
+            error = (f"cannot write {error.filename or out} ({_reason(error)}); continue with "
+                     f"--resume once it can be written")
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
     except KeyboardInterrupt:                      # Ctrl-C or SIGTERM: the checkpoint is as it was
-        progress.end_line()
-        saved = read_checkpoint(out, mmap=True) if (out / "checkpoint.pt").exists() else None
-        print("stopped" if args.report
-              else f"stopped; {where_it_stands(out, saved, resume)}", file=sys.stderr)
+        if args.report or not (out / "checkpoint.pt").exists():
+            print("stopped", file=sys.stderr)
+            return 130
+        epoch = read_checkpoint(out, mmap=True)["state"]["epoch"]
+        print(f"stopped; {out} keeps the run after {epochs_in_words(epoch)}; continue with: "
+              f"{resume(name)}", file=sys.stderr)
         return 130
     print(f"done: {json.dumps(records[-1])}", file=sys.stderr)
     return 0
