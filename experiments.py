@@ -612,21 +612,28 @@ def _table(title, rows):
 
 def report(folders, epochs=None):
     """Markdown from run folders: Table 1 and Table 2, each at one budget, the most epochs after
-    which every run of the table was evaluated (at most `epochs` when given), every run's
-    untrained row first; then each run's evaluations over epochs, every 10th and the last."""
+    which every run of the table with the registry's seed (else every run) was evaluated, at most
+    `epochs` when given; a run of another seed is a row once it reached that budget too. Every
+    run's untrained row first; then each run's evaluations over epochs, every 10th and the last."""
     runs = sorted([(folder, *read_run(folder)) for folder in folders],
                   key=lambda run: (list(EXPERIMENTS).index(run[1]["name"]),
                                    max([r["step"] for r in run[2]] + [0])))
     tested = {folder: [r for r in records if "test_log_likelihood" in r
                        and (epochs is None or r["epoch"] <= epochs)]
               for folder, _, records, _ in runs}
-    budgets = {table: max(set.intersection(*({r["epoch"] for r in tested[folder]}
-                                             for folder, *_, of in runs if of == table)), default=0)
-               for table in {table for *_, table in runs if table}}
+
+    def evaluated(table):             # the epochs evaluated by every run that sets its budget
+        of_table = [(folder, c) for folder, c, _, of in runs if of == table]
+        first_seed = [(folder, c) for folder, c in of_table
+                      if c["seed"] == EXPERIMENTS[c["name"]]["seed"]]
+        return set.intersection(*({r["epoch"] for r in tested[folder]}
+                                  for folder, _ in first_seed or of_table))
+
+    budgets = {table: max(evaluated(table), default=0) for table in {t for *_, t in runs if t}}
     tables, over_epochs = {"Table 1": [], "Table 2": []}, []
     for folder, config, records, table in runs:
         kinds = [*dict.fromkeys(k for r in tested[folder] for k in r.get("test_roll_gain", {}))]
-        if table:                                        # untrained, then after the table's budget
+        if table and budgets[table] in {r["epoch"] for r in tested[folder]}:  # untrained, budget
             rows = [r for r in tested[folder] if r["epoch"] in {0, budgets[table]}]
             tables[table] += [_cells(config, r, kinds, table) for r in rows]
         if len(tested[folder]) > 2:

@@ -1395,6 +1395,14 @@ def test_a_run_with_another_training_seed_is_a_row_of_its_own_that_names_the_see
     assert [row["experiment"] for row in rows] == ["`nontvae_mnist`"] * 2 + ["`nontvae_mnist` (seed 3)"] * 2
 
 
+def test_another_seed_joins_a_table_only_at_the_budget_the_registry_seeds_reached(tmp_path):
+    runs = [write_run(tmp_path / "vae", "nontvae_mnist", [evaluation(e, 6000 * e) for e in (0, 40, 100)]),
+            write_run(tmp_path / "vae3", "nontvae_mnist", [evaluation(e, 6000 * e) for e in (0, 40)], seed=3)]
+    assert [(row["experiment"], row["epochs"]) for row in table_rows(experiments.report(runs), "Table 1")] == [
+        ("`nontvae_mnist`", "0"), ("`nontvae_mnist`", "100")]
+    assert [row["epochs"] for row in table_rows(experiments.report(runs, epochs=40), "Table 1")] == ["0", "40"] * 2
+
+
 def test_table1_shows_the_papers_convention_log_k_above_ours(tmp_path):
     run = write_run(tmp_path / "a", "tvae_Lhalf_mnist", [evaluation(2, 12000, log_p=-100.0)], n_is_samples=10)
     row, = table_rows(experiments.report([run]), "Table 1")
@@ -1507,7 +1515,9 @@ def test_the_committed_results_are_read():
         pytest.skip("no results/ beside this file")
     text = experiments.report(folders)
     assert all(f"### {title}" in text for title in ("Table 1", "Table 2", "`tvae_2d_mnist`"))
-    assert len(table_rows(text, "Table 1")) == 10 and len(table_rows(text, "Table 2")) == 12
+    tables = [experiments.read_run(folder)[2] for folder in folders]
+    assert len(table_rows(text, "Table 1")) <= 2 * tables.count("Table 1")    # a second seed may lag
+    assert len(table_rows(text, "Table 1")) >= 10 and len(table_rows(text, "Table 2")) == 12
 
 
 def test_png_writer_output_decodes_back_to_the_pixels_written(tmp_path):
