@@ -119,21 +119,61 @@ def build_model(config):
 TERMS = ("loss", "nll", "kl", "eq_error")     # what a training step measures, averaged per epoch
 
 
-def train_step(model, optimizer, x, config):
-    """One SGD step on sequences x (B, S, C, H, W); its terms are checked before the update."""
+def forward_backward(model, x, config):
+    """Eq. (8) on sequences x (B, S, C, H, W) and its gradients (into .grad); returns the terms
+    a step logs (TERMS), as one tensor (4,) on the device."""
     S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
     out = model(x)                                                # per-image terms (N,), t (N, d)
     loss = out["loss"].mean()                                  # tvae.py Eq. (8), mean over images
+    loss.backward()
     with torch.no_grad():
         eq = (tvae.equivariance_error(out["t"], S, caps, D) if S > 1
               else torch.zeros((), device=x.device))
         kl = (out["kl_z"] + out["kl_u"]).mean()
-        values = dict(zip(TERMS, torch.stack([loss, out["nll"].mean(), kl, eq]).tolist()))
+        return torch.stack([loss, out["nll"].mean(), kl, eq])
+
+
+class CudaGraphStep:
+    """forward_backward on a GPU, recorded once as a CUDA graph and then replayed per batch.
+
+    A step of this model is some 280 small kernels; launched one by one from Python, the GPU
+    waits on the launches. A replay launches them all at once, on the same tensors each time:
+    each batch is copied into self.x, and each replay writes the same .grad tensors. The noise
+    of Eq. (6) still comes from the CUDA generator, which each replay advances as a step would.
+    """
+
+    def __init__(self, model, x, config):
+        self.x, device = x.clone(), x.device
+        rng = torch.cuda.get_rng_state(device)
+        side = torch.cuda.Stream(device)       # the warm-up torch asks for: on a side stream
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            forward_backward(model, self.x, config)
+        torch.cuda.current_stream(device).wait_stream(side)
+        model.zero_grad(set_to_none=True)      # the graph makes its own .grad tensors
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.terms = forward_backward(model, self.x, config)   # (4,)
+        torch.cuda.set_rng_state(rng, device)  # the warm-up's noise undone: draws as without graph
+
+    def __call__(self, x):
+        self.x.copy_(x)
+        self.graph.replay()
+        return self.terms
+
+
+def train_step(model, optimizer, x, config, graph=None):
+    """One SGD step on sequences x (B, S, C, H, W), through graph (a CudaGraphStep) if given;
+    its terms are checked before the update."""
+    if graph is None:
+        optimizer.zero_grad(set_to_none=True)
+        terms = forward_backward(model, x, config)
+    else:
+        terms = graph(x)
+    values = dict(zip(TERMS, terms.tolist()))
     bad = [name for name, value in values.items() if not math.isfinite(value)]
     if bad:                                                       # no NaN gets into the weights
         raise NonFiniteLoss(f"non-finite {', '.join(bad)} (values {values})")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     optimizer.step()
     return values
 
@@ -153,6 +193,7 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, progress=N
                                 fused=run.device.type in ("cpu", "cuda"))   # fused: faster
     data, progress = load_data(config, data_dir, run.device), progress or Progress()
     B, n_sequences = config["batch_size"], config["train_sequences"]
+    graph = None                        # on a GPU: a CudaGraphStep, made on the run's first batch
     with run.open(model, optimizer, generator) as (epoch, step):   # epochs, steps done; 0 if new
         run.save(epoch, step)                                   # from here on, the folder is a run
         evaluate_if_due(model, data, config, run, epoch, step, progress)   # untrained, or cut off
@@ -161,7 +202,9 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, progress=N
             sums = dict.fromkeys(TERMS, 0.0)
             progress.start_epoch(epoch, config["max_epochs"], data.n_batches(B, n_sequences))
             for batch, x in enumerate(data.epoch(B, n_sequences, generator), 1):  # (B, S, C, H, W)
-                values = train_step(model, optimizer, x, config)
+                if run.device.type == "cuda" and graph is None:
+                    graph = CudaGraphStep(model, x, config)
+                values = train_step(model, optimizer, x, config, graph)
                 sums = {name: sums[name] + value for name, value in values.items()}
                 progress.update(batch, len(x), sums["loss"] / batch)
             step += batch
