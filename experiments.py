@@ -137,9 +137,11 @@ class CudaGraphStep:
     """forward_backward on a GPU, recorded once as a CUDA graph and then replayed per batch.
 
     A step of this model is some 280 small kernels; launched one by one from Python, the GPU
-    waits on the launches. A replay launches them all at once, on the same tensors each time:
-    each batch is copied into self.x, and each replay writes the same .grad tensors. The noise
-    of Eq. (6) still comes from the CUDA generator, which each replay advances as a step would.
+    waits on the launches (on an H200, 5.3 ms per step of tvae_Lhalf_mnist's model against 1.1
+    replayed). A replay runs them all on the same tensors: each batch is copied into self.x
+    (every batch has one shape: the last partial one is dropped), and each replay writes the
+    same .grad tensors. The noise of Eq. (6) still comes from the CUDA generator, which each
+    replay advances as a step launched one by one would.
     """
 
     def __init__(self, model, x, config):
