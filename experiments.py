@@ -134,15 +134,11 @@ def forward_backward(model, x, config):
 
 
 class CudaGraphStep:
-    """forward_backward on a GPU, recorded once as a CUDA graph and then replayed per batch.
-
-    A step of this model is some 280 small kernels; launched one by one from Python, the GPU
-    waits on the launches (on an H200, 5.3 ms per step of tvae_Lhalf_mnist's model against 1.1
-    replayed). A replay runs them all on the same tensors: each batch is copied into self.x
-    (every batch has one shape: the last partial one is dropped), and each replay writes the
-    same .grad tensors. The noise of Eq. (6) still comes from the CUDA generator, which each
-    replay advances as a step launched one by one would.
-    """
+    """forward_backward on a GPU, recorded once as a CUDA graph, replayed per batch: a step is
+    ~280 small kernels, which the GPU otherwise waits on Python to launch (on an H200, 5.3 ms
+    per step of tvae_Lhalf_mnist's model, 1.1 replayed). Each batch is copied into self.x (all
+    have one shape), each replay writes the same .grad tensors and advances the CUDA generator
+    (the noise of Eq. (6)) as a step launched one by one would."""
 
     def __init__(self, model, x, config):
         self.x, device = x.clone(), x.device
@@ -167,11 +163,9 @@ class CudaGraphStep:
 def train_step(model, optimizer, x, config, graph=None):
     """One SGD step on sequences x (B, S, C, H, W), through graph (a CudaGraphStep) if given;
     its terms are checked before the update."""
-    if graph is None:
+    if graph is None:                 # a graph's replay writes .grad afresh: no zeroing
         optimizer.zero_grad(set_to_none=True)
-        terms = forward_backward(model, x, config)
-    else:
-        terms = graph(x)
+    terms = forward_backward(model, x, config) if graph is None else graph(x)   # (4,)
     values = dict(zip(TERMS, terms.tolist()))
     bad = [name for name, value in values.items() if not math.isfinite(value)]
     if bad:                                                       # no NaN gets into the weights
