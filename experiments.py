@@ -654,9 +654,11 @@ def report(folders, epochs=None):
     which every run of the table with the registry's seed (else every run) was evaluated, at most
     `epochs` when given; a run of another seed is a row once it reached that budget too. Every
     run's untrained row first; then each run's evaluations over epochs, every 10th and the last."""
+    # The paper's order; an experiment's run of the registry's seed first, then by seed and length.
     runs = sorted([(folder, *read_run(folder)) for folder in folders],
                   key=lambda run: (list(EXPERIMENTS).index(run[1]["name"]),
-                                   max([r["step"] for r in run[2]] + [0])))
+                                   run[1]["seed"] != EXPERIMENTS[run[1]["name"]]["seed"],
+                                   run[1]["seed"], max([r["step"] for r in run[2]] + [0])))
     tested = {folder: [r for r in records if "test_log_likelihood" in r
                        and (epochs is None or r["epoch"] <= epochs)]
               for folder, _, records, _ in runs}
