@@ -1422,7 +1422,7 @@ def test_another_seed_joins_a_table_only_at_the_budget_the_registry_seeds_reache
         ("`nontvae_mnist`", "0"), ("`nontvae_mnist`", "100")]
     assert [(row["experiment"], row["epochs"]) for row in table_rows(experiments.report(runs, epochs=40), "Table 1")] == [
         ("`nontvae_mnist`", "0"), ("`nontvae_mnist`", "40"), ("`nontvae_mnist` (seed 3)", "0"),
-        ("`nontvae_mnist` (seed 3)", "40")]                      # the registry's seed first, the longer run
+        ("`nontvae_mnist` (seed 3)", "40")]           # the registry's seed first, though it trained longer
 
 
 def test_table1_shows_the_papers_convention_log_k_above_ours(tmp_path):
