@@ -611,13 +611,16 @@ def _number(value, digits=1):
     return "–" if value is None else f"{round(value, digits) + 0.0:,.{digits}f}"   # no "-0.00"
 
 
+def _registry_seed(config):                # trained with the seed the registry gives its experiment
+    return config["seed"] == EXPERIMENTS[config["name"]]["seed"]
+
+
 def _cells(config, r, kinds, table=None):
     """One evaluation r as table cells, header → cell; a row of a paper table names its experiment
     first (and its training seed, where not the registry's)."""
     n = r.get("test_sequences",
               config["test_sequences"] or (1024 if config["data"] == "dsprites" else None))
-    seed = config["seed"]
-    other_seed = f" (seed {seed})" * (seed != EXPERIMENTS[config["name"]]["seed"])
+    other_seed = "" if _registry_seed(config) else f" (seed {config['seed']})"
     cells = {"experiment": f"`{config['name']}`{other_seed}"} if table else {}
     cells |= {"epochs": str(r["epoch"]), "steps": f"{r['step']:,}",
               "test sequences": f"{n:,}" if n else "all",
@@ -657,16 +660,15 @@ def report(folders, epochs=None):
     # The paper's order; an experiment's run of the registry's seed first, then by seed and length.
     runs = sorted([(folder, *read_run(folder)) for folder in folders],
                   key=lambda run: (list(EXPERIMENTS).index(run[1]["name"]),
-                                   run[1]["seed"] != EXPERIMENTS[run[1]["name"]]["seed"],
-                                   run[1]["seed"], max([r["step"] for r in run[2]] + [0])))
+                                   not _registry_seed(run[1]), run[1]["seed"],
+                                   max([r["step"] for r in run[2]] + [0])))
     tested = {folder: [r for r in records if "test_log_likelihood" in r
                        and (epochs is None or r["epoch"] <= epochs)]
               for folder, _, records, _ in runs}
 
     def evaluated(table):             # the epochs evaluated by every run that sets its budget
         of_table = [(folder, c) for folder, c, _, of in runs if of == table]
-        first_seed = [(folder, c) for folder, c in of_table
-                      if c["seed"] == EXPERIMENTS[c["name"]]["seed"]]
+        first_seed = [(folder, c) for folder, c in of_table if _registry_seed(c)]
         return set.intersection(*({r["epoch"] for r in tested[folder]}
                                   for folder, _ in first_seed or of_table))
 
