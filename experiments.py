@@ -5,8 +5,8 @@
     python experiments.py --report runs/*         # the paper's tables from runs
 
 Read it top to bottom: the registry EXPERIMENTS (keys named as the authors' code names its
-options), build_model, train (the loop), evaluate, the pictures; then, below a marked line,
-the plumbing: run folder, config checks, progress, report, command line.
+options), build_model, train (the loop), evaluate and Figure 3's pictures; then, below a marked
+line, the plumbing: data, PNGs, run folder, config checks, progress, report, command line.
 """
 import argparse
 import contextlib
@@ -116,57 +116,19 @@ def build_model(config):
 
 # ─── Training ───
 
-TERMS = ("loss", "nll", "kl", "eq_error")     # what a training step measures, averaged per epoch
-
-
-def forward_backward(model, x, config):
-    """Eq. (8) on sequences x (B, S, C, H, W) and its gradients (into .grad); returns the terms
-    a step logs (TERMS), as one tensor (4,) on the device."""
+def train_step(model, optimizer, x, config):
+    """One SGD step on sequences x (B, S, C, H, W); returns the terms it measures (loss, nll, kl
+    and, for sequences, eq_error), each checked finite before the update."""
     S, caps, D = config["n_transforms"], config["n_caps"], config["cap_dim"]
+    optimizer.zero_grad(set_to_none=True)
     out = model(x)                                                # per-image terms (N,), t (N, d)
     loss = out["loss"].mean()                                  # tvae.py Eq. (8), mean over images
     loss.backward()
-    with torch.no_grad():
-        eq = (tvae.equivariance_error(out["t"], S, caps, D) if S > 1
-              else torch.zeros((), device=x.device))
-        kl = (out["kl_z"] + out["kl_u"]).mean()
-        return torch.stack([loss, out["nll"].mean(), kl, eq])
-
-
-class CudaGraphStep:
-    """forward_backward on a GPU, recorded once as a CUDA graph, replayed per batch: a step is
-    ~280 small kernels, which the GPU otherwise waits on Python to launch (on an H200, 5.3 ms
-    per step of tvae_Lhalf_mnist's model, 1.1 replayed). Each batch is copied into self.x (all
-    have one shape), each replay writes the same .grad tensors and advances the CUDA generator
-    (the noise of Eq. (6)) as a step launched one by one would."""
-
-    def __init__(self, model, x, config):
-        self.x, device = x.clone(), x.device
-        rng = torch.cuda.get_rng_state(device)
-        side = torch.cuda.Stream(device)       # the warm-up torch asks for: on a side stream
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            forward_backward(model, self.x, config)
-        torch.cuda.current_stream(device).wait_stream(side)
-        model.zero_grad(set_to_none=True)      # the graph makes its own .grad tensors
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.terms = forward_backward(model, self.x, config)   # (4,)
-        torch.cuda.set_rng_state(rng, device)  # the warm-up's noise undone: draws as without graph
-
-    def __call__(self, x):
-        self.x.copy_(x)
-        self.graph.replay()
-        return self.terms
-
-
-def train_step(model, optimizer, x, config, graph=None):
-    """One SGD step on sequences x (B, S, C, H, W), through graph (a CudaGraphStep) if given;
-    its terms are checked before the update."""
-    if graph is None:                 # a graph's replay writes .grad afresh: no zeroing
-        optimizer.zero_grad(set_to_none=True)
-    terms = forward_backward(model, x, config) if graph is None else graph(x)   # (4,)
-    values = dict(zip(TERMS, terms.tolist()))
+    with torch.no_grad():                                      # the terms logged, not trained on
+        terms = {"loss": loss, "nll": out["nll"].mean(), "kl": (out["kl_z"] + out["kl_u"]).mean()}
+        if S > 1:                                                         # E_eq, tvae.py Eq. (9)
+            terms["eq_error"] = tvae.equivariance_error(out["t"], S, caps, D)
+    values = dict(zip(terms, torch.stack(list(terms.values())).tolist()))     # one device sync
     bad = [name for name, value in values.items() if not math.isfinite(value)]
     if bad:                                                       # no NaN gets into the weights
         raise NonFiniteLoss(f"non-finite {', '.join(bad)} (values {values})")
@@ -189,24 +151,20 @@ def train(config, out_dir, data_dir=None, device="cpu", resume=False, progress=N
                                 fused=run.device.type in ("cpu", "cuda"))   # fused: faster
     data, progress = load_data(config, data_dir, run.device), progress or Progress()
     B, n_sequences = config["batch_size"], config["train_sequences"]
-    graph = None                        # on a GPU: a CudaGraphStep, made on the run's first batch
     with run.open(model, optimizer, generator) as (epoch, step):   # epochs, steps done; 0 if new
         run.save(epoch, step)                                   # from here on, the folder is a run
         evaluate_if_due(model, data, config, run, epoch, step, progress)   # untrained, or cut off
         for epoch in range(epoch + 1, config["max_epochs"] + 1):  # the epoch trained, from 1
             model.train()
-            sums = dict.fromkeys(TERMS, 0.0)
+            sums = {}                                     # each term's total over the epoch
             progress.start_epoch(epoch, config["max_epochs"], data.n_batches(B, n_sequences))
             for batch, x in enumerate(data.epoch(B, n_sequences, generator), 1):  # (B, S, C, H, W)
-                if run.device.type == "cuda" and graph is None:
-                    graph = CudaGraphStep(model, x, config)
-                values = train_step(model, optimizer, x, config, graph)
-                sums = {name: sums[name] + value for name, value in values.items()}
+                values = train_step(model, optimizer, x, config)
+                sums = {name: sums.get(name, 0.0) + value for name, value in values.items()}
                 progress.update(batch, len(x), sums["loss"] / batch)
             step += batch
-            run.log({"epoch": epoch, "step": step, **{     # the epoch's averages (no E_eq if S = 1)
-                f"train_{name}": total / batch for name, total in sums.items()
-                if name != "eq_error" or config["n_transforms"] > 1}})
+            run.log({"epoch": epoch, "step": step,                    # the epoch's averages
+                     **{f"train_{name}": total / batch for name, total in sums.items()}})
             run.save(epoch, step)                   # the random state its evaluation starts from
             evaluate_if_due(model, data, config, run, epoch, step, progress)
     return run.records
@@ -305,15 +263,7 @@ def figure3(model, first_batch, images, t, classes, config, out_dir, epoch):
             "shuffled": finite[1], "ratio": ratio}
 
 
-# ─── Pictures ───
-
-def save_picture(config, out_dir, name, epoch, rows):
-    """Rows of images [(n_i, C, H, W), …] as out_dir/NAME_EEE.png (EEE: epochs trained)."""
-    datasets.write_png(out_dir / f"{name}_{epoch:03d}.png", datasets.image_grid(rows),
-                       scale=max(2, 84 // image_shape(config)[1]))
-
-
-# ─── Below: plumbing (data, run folder, config checks, progress, report, command line)
+# ─── Below: plumbing (data, PNGs, run folder, config checks, progress, report, command line)
 
 def load_data(config, data_dir, device):
     """The experiment's sequences on the device (datasets.py): epoch, test_batches, kinds."""
@@ -324,6 +274,12 @@ def load_data(config, data_dir, device):
     grid = (datasets.render_dsprites() if config["dsprites_source"] == "procedural"
             else datasets.load_dsprites(data_dir))
     return datasets.DspritesSequences(grid.to(device), config["test_seed"], config["n_transforms"])
+
+
+def save_picture(config, out_dir, name, epoch, rows):
+    """Rows of images [(n_i, C, H, W), …] as out_dir/NAME_EEE.png (EEE: epochs trained)."""
+    datasets.write_png(out_dir / f"{name}_{epoch:03d}.png", datasets.image_grid(rows),
+                       scale=max(2, 84 // image_shape(config)[1]))
 
 
 # ─── The run folder: one checkpoint is the run ───
@@ -534,20 +490,17 @@ def validate_config(config):
         bad("train_sequences", f"at least one batch ({config['batch_size']})")
     if config["grouper"] == "none":
         return
-    shifting = ("n_off_diag",) if config["grouper"] == "shifting" else ()
-    for key in ("group_kernel", "mu_init") + shifting:
-        if config[key] is None:
-            bad(key, f"set for a {config['grouper']} grouper")
-    if config["grouper"] == "map2d" and (config["map_shape"] is None or config["n_caps"] != 1
-                                         or math.prod(config["map_shape"]) != config["cap_dim"]):
-        bad("map_shape", f"two positive integers whose product is cap_dim ({config['cap_dim']}), "
-                         f"with n_caps 1")
-    torus, keys = ((config["map_shape"], ("map_shape",) * 2) if config["grouper"] == "map2d"
+    needs = {"shifting": ("n_off_diag",), "map2d": ("map_shape",)}.get(config["grouper"], ())
+    for key in [key for key in ("group_kernel", "mu_init", *needs) if config[key] is None]:
+        bad(key, f"set for a {config['grouper']} grouper")
+    map2d = config["grouper"] == "map2d"
+    if map2d and (config["n_caps"] != 1 or math.prod(config["map_shape"]) != config["cap_dim"]):
+        bad("map_shape", f"two integers whose product is cap_dim ({config['cap_dim']}), n_caps 1")
+    torus, keys = ((config["map_shape"], ("map_shape",) * 2) if map2d       # the torus W tiles
                    else ((S, config["cap_dim"]), ("n_transforms", "cap_dim")))
-    for k, size, key in zip(config["group_kernel"], torus, keys):
+    for key, k, size in zip(keys, config["group_kernel"], torus):
         if k > size:
-            bad(key, f"at least the kernel's {k} "
-                     f"(group_kernel {json.dumps(list(config['group_kernel']))})")
+            bad(key, f"at least the kernel's {k} (group_kernel {list(config['group_kernel'])})")
 
 
 # ─── Progress on long runs ───
@@ -582,8 +535,7 @@ class Progress:
             return
         rate = done / max(now - self.t0, 1e-9)
         text += f"  {rate * sequences:.1f} seq/s  left {_duration((self.total - done) / rate)}"
-        if later:
-            text += f" (run {_duration((self.total - done + later) / rate)})"
+        text += f" (run {_duration((self.total - done + later) / rate)})" if later else ""
         self.last = now
         print(text, file=self.stream, flush=True)
 
@@ -629,8 +581,8 @@ def _cells(config, r, kinds, table=None):
     if table == "Table 1":          # the authors' code leaves out − log K (tvae.py Eq. (11))
         cells["paper's convention (+log K)"] = _number(r["test_log_likelihood"]
                                                        + math.log(config["n_is_samples"]))
-    for factor, value in (r.get("test_capsule_correlation") or {}).items():
-        cells[f"test corr. {factor}"] = _number(value, 2)
+    cells |= {f"test corr. {factor}": _number(value, 2)
+              for factor, value in (r.get("test_capsule_correlation") or {}).items()}
     for key, value in (r.get("test_topography") or {}).items():
         cells[key.replace("_", " ")] = (str(value) if key == "selective_units"
                                         else _number(value, 2 + (key != "ratio")))
@@ -665,14 +617,12 @@ def report(folders, epochs=None):
     tested = {folder: [r for r in records if "test_log_likelihood" in r
                        and (epochs is None or r["epoch"] <= epochs)]
               for folder, _, records, _ in runs}
-
-    def evaluated(table):             # the epochs evaluated by every run that sets its budget
-        of_table = [(folder, c) for folder, c, _, of in runs if of == table]
-        first_seed = [(folder, c) for folder, c in of_table if _registry_seed(c)]
-        return set.intersection(*({r["epoch"] for r in tested[folder]}
-                                  for folder, _ in first_seed or of_table))
-
-    budgets = {table: max(evaluated(table), default=0) for table in {t for *_, t in runs if t}}
+    budgets = {}                                          # table: its budget, as said above
+    for table in {t for *_, t in runs if t}:
+        of_table = [(folder, c) for folder, c, _, t in runs if t == table]
+        setting = [f for f, c in of_table if _registry_seed(c)] or [f for f, _ in of_table]
+        budgets[table] = max(set.intersection(*({r["epoch"] for r in tested[f]} for f in setting)),
+                             default=0)
     tables, over_epochs = {"Table 1": [], "Table 2": []}, []
     for folder, config, records, table in runs:
         kinds = [*dict.fromkeys(k for r in tested[folder] for k in r.get("test_roll_gain", {}))]
@@ -708,23 +658,26 @@ def parse_args(argv):
     add("--list", action="store_true", help="every experiment, with the figure or table it makes")
     add("--show", action="store_true", help="print NAME's config, with this command line's changes")
     add("--report", nargs="+", type=Path, metavar="DIR", help="the paper's tables from run folders")
-    add("--epochs", type=int, help="epochs in all (max_epochs), those before a resume included; "
-        "0: evaluate the untrained model only; with --report: the tables after at most N")
+    add("--epochs", type=int, dest="max_epochs", metavar="N", help="epochs in all (max_epochs), "
+        "a resumed run's earlier ones included; 0: only evaluate the untrained model; with "
+        "--report: the tables after at most N")
     add("--batch-size", type=int, help="sequences per batch (batch_size)")
     add("--lr", type=float, help="SGD learning rate (lr)")
     add("--seed", type=int, help="seed of initialisation, split and training sequences (seed); "
         "the test sequences come from test_seed, the same for every experiment")
     add("--set", action="append", default=[], metavar="KEY=VALUE",
         help="change any config key, VALUE read as JSON (e.g. --set n_is_samples=20); repeatable")
-    add("--train-sequences", type=int, help="train on the first N sequences of each epoch only")
-    add("--test-sequences", type=int, help="test on the first N (default: all; dSprites 1024)")
+    add("--train-sequences", type=int, metavar="N", help="train on the first N of each epoch")
+    add("--test-sequences", type=int, metavar="N",
+        help="test on the first N (default: all; dSprites 1024)")
     add("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: CUDA, MPS, else CPU)")
     add("--data-dir", type=Path, help="the folder of the data files, where missing ones are "
         "downloaded (default: $TVAE_DATA_DIR, else ./data)")
     add("--out", type=Path, help="output folder (default: runs/NAME)")
     add("--resume", action="store_true", help="continue the run in --out; only "
         + ", ".join(CHANGEABLE_ON_RESUME) + " may change")
-    add("--dsprites", choices=("file", "procedural"), help="dSprites: the .npz (default) or drawn")
+    add("--dsprites", choices=("file", "procedural"), dest="dsprites_source",
+        help="dSprites: the .npz (default) or drawn")
     return parser, parser.parse_args(argv)
 
 
@@ -734,11 +687,8 @@ def resolve_config(name, args, saved=None):
     if saved is not None:        # the run's own settings; its name, paper and table: the registry's
         config.update((k, v) for k, v in saved.items()
                       if k in config and k not in ("name", "paper", "table"))
-    options = {"max_epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-               "seed": args.seed, "train_sequences": args.train_sequences,
-               "test_sequences": args.test_sequences,
-               "dsprites_source": args.dsprites if config["data"] == "dsprites" else None}
-    config.update((key, value) for key, value in options.items() if value is not None)
+    config.update((key, value) for key, value in vars(args).items()   # options named as keys
+                  if key in config and value is not None)
     for key, sep, value in (text.partition("=") for text in args.set):
         if not sep:
             raise ConfigError(f"--set {key}: expected KEY=VALUE")
@@ -778,7 +728,7 @@ def main(argv=None):
 
     try:
         if args.report:
-            print(report(args.report, args.epochs))
+            print(report(args.report, args.max_epochs))
             return 0
         saved = read_checkpoint(out, mmap=True) if args.resume else None
         if saved and saved["config"]["name"] != name:
@@ -802,12 +752,10 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
     except KeyboardInterrupt:                      # Ctrl-C or SIGTERM: the checkpoint is as it was
-        if args.report or not (out / "checkpoint.pt").exists():
-            print("stopped", file=sys.stderr)
-            return 130
-        epoch = read_checkpoint(out, mmap=True)["state"]["epoch"]
-        print(f"stopped; {out} keeps the run after {epochs_in_words(epoch)}; continue with: "
-              f"{resume(name)}", file=sys.stderr)
+        kept = not args.report and (out / "checkpoint.pt").exists()
+        epoch = kept and read_checkpoint(out, mmap=True)["state"]["epoch"]
+        print("stopped" + (f"; {out} keeps the run after {epochs_in_words(epoch)}; continue with: "
+                           f"{resume(name)}" if kept else ""), file=sys.stderr)
         return 130
     print(f"done: {json.dumps(records[-1])}", file=sys.stderr)
     return 0
