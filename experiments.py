@@ -496,7 +496,7 @@ def validate_config(config):
     map2d = config["grouper"] == "map2d"
     if map2d and (config["n_caps"] != 1 or math.prod(config["map_shape"]) != config["cap_dim"]):
         bad("map_shape", f"two integers whose product is cap_dim ({config['cap_dim']}), n_caps 1")
-    torus, keys = ((config["map_shape"], ("map_shape",) * 2) if map2d       # the torus W tiles
+    torus, keys = ((config["map_shape"], ("map_shape",) * 2) if map2d  # the torus W slides on
                    else ((S, config["cap_dim"]), ("n_transforms", "cap_dim")))
     for key, k, size in zip(keys, config["group_kernel"], torus):
         if k > size:
